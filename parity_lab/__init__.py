@@ -1,0 +1,15 @@
+"""parity_lab: recurrent networks learning parity, under Hydra + Lightning."""
+
+from omegaconf import OmegaConf
+
+ENCODING_SIZES = {"bit": 1, "pair": 2}  # data.encoding -> network input size
+
+
+def _input_size(encoding: str) -> int:
+    if encoding not in ENCODING_SIZES:
+        raise ValueError(f"data.encoding={encoding!r}: allowed values are {list(ENCODING_SIZES)}")
+    return ENCODING_SIZES[encoding]
+
+
+# Model configs read their input size from the data encoding: ${input_size:${data.encoding}}.
+OmegaConf.register_new_resolver("input_size", _input_size, replace=True)

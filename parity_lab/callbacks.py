@@ -1,0 +1,31 @@
+"""Training callbacks: know when every evaluated accuracy is 1.0, and optionally stop there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+
+class SolvedTracker(L.Callback):
+    """Records the first step at which every ``val/acc*`` metric is 1.0; stops there if asked."""
+
+    def __init__(self, stop_when_solved: bool) -> None:
+        self.stop_when_solved = stop_when_solved
+        self.solved_step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        accuracies = [v for k, v in trainer.callback_metrics.items() if k.startswith("val/acc")]
+        if accuracies and all(float(acc) == 1.0 for acc in accuracies):
+            if self.solved_step is None:
+                self.solved_step = trainer.global_step
+            if self.stop_when_solved:
+                trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"solved_step": self.solved_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.solved_step = state_dict["solved_step"]

@@ -1,0 +1,197 @@
+"""Parity strings: vectorised generation, training streams and fixed evaluation sets.
+
+Every batch is a pure function of its key, e.g. ``(seed, "train", i)`` for training batch ``i``,
+so a run can be resumed at any step and two runs with the same seed see the same strings.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from parity_lab import ENCODING_SIZES
+
+SUPERVISIONS = ("final", "every_step")
+
+
+class ParityBatch(NamedTuple):
+    x: torch.Tensor  # (batch, time, input_size) float, zero after each string's end
+    lengths: torch.Tensor  # (batch,) int64
+    targets: torch.Tensor  # (batch, time) float: running parity, zero after each string's end
+
+
+def key_generator(*key: int | str) -> torch.Generator:
+    """A torch generator seeded from a tuple key through numpy's SeedSequence (no collisions)."""
+    words = [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in key]
+    seed = int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def encode(bits: torch.Tensor, lengths: torch.Tensor, encoding: str) -> torch.Tensor:
+    """Bits (batch, time) -> network inputs (batch, time, input_size), zero past each length."""
+    valid = torch.arange(bits.shape[1]) < lengths[:, None]
+    x = bits.float()
+    if encoding == "bit":
+        return x.unsqueeze(-1)
+    if encoding == "pair":
+        return torch.stack([x, 1.0 - x], dim=-1) * valid.unsqueeze(-1)
+    raise ValueError(f"data.encoding={encoding!r}: allowed values are {list(ENCODING_SIZES)}")
+
+
+def make_batch(bits: torch.Tensor, lengths: torch.Tensor, encoding: str) -> ParityBatch:
+    """Pack raw bits (zero-padded past each length) into a batch with running-parity targets."""
+    running = torch.cumsum(bits, dim=1).remainder_(2).float()
+    return ParityBatch(encode(bits, lengths, encoding), lengths, running)
+
+
+def sample_bits(
+    generator: torch.Generator, num: int, min_len: int, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` strings, lengths uniform in ``min_len..max_len``, padded with zeros to ``max_len``."""
+    lengths = torch.randint(min_len, max_len + 1, (num,), generator=generator)
+    bits = torch.randint(0, 2, (num, max_len), generator=generator, dtype=torch.int64)
+    bits *= torch.arange(max_len) < lengths[:, None]
+    return bits, lengths
+
+
+class ParityStream(IterableDataset):
+    """Training batches indexed by global step, starting wherever the trainer is.
+
+    With ``num_train=None`` batch ``i`` is ``batch_size`` fresh strings drawn from key
+    ``(seed, "train", i)``, forever. With an int, a fixed set of ``num_train`` strings is drawn once
+    and iterated in epochs, reshuffled per epoch from ``(seed, "shuffle", epoch)``; one iteration
+    of this dataset yields the rest of the current epoch, so Lightning's epochs line up with ours.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        min_len: int,
+        max_len: int,
+        batch_size: int,
+        num_train: int | None,
+        encoding: str,
+        first_step: Callable[[], int] = lambda: 0,
+    ) -> None:
+        super().__init__()
+        self.seed, self.min_len, self.max_len = seed, min_len, max_len
+        self.batch_size, self.num_train, self.encoding = batch_size, num_train, encoding
+        self.first_step = first_step
+        self._train_set: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        if self.num_train is None:
+            return None
+        return -(-self.num_train // self.batch_size)
+
+    def batch(self, step: int) -> ParityBatch:
+        """Training batch number ``step`` (a pure function of ``seed`` and ``step``)."""
+        if self.num_train is None:
+            g = key_generator(self.seed, "train", step)
+            bits, lengths = sample_bits(g, self.batch_size, self.min_len, self.max_len)
+            return make_batch(bits, lengths, self.encoding)
+        if self._train_set is None:
+            g = key_generator(self.seed, "train_set")
+            self._train_set = sample_bits(g, self.num_train, self.min_len, self.max_len)
+        epoch, position = divmod(step, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            g = key_generator(self.seed, "shuffle", epoch)
+            self._order = (epoch, torch.randperm(self.num_train, generator=g))
+        index = self._order[1][position * self.batch_size : (position + 1) * self.batch_size]
+        bits, lengths = self._train_set
+        return make_batch(bits[index], lengths[index], self.encoding)
+
+    def __iter__(self) -> Iterator[ParityBatch]:
+        step = self.first_step()
+        if self.num_train is None:
+            while True:
+                yield self.batch(step)
+                step += 1
+        end = (step // self.batches_per_epoch + 1) * self.batches_per_epoch
+        for i in range(step, end):
+            yield self.batch(i)
+
+
+def eval_set(
+    seed: int, name: str, num: int, min_len: int, max_len: int, encoding: str
+) -> ParityBatch:
+    """A held-out set fixed by ``(seed, name)``; disjoint in key from every training batch."""
+    bits, lengths = sample_bits(key_generator(seed, "eval", name), num, min_len, max_len)
+    return make_batch(bits, lengths, encoding)
+
+
+def split(batch: ParityBatch, size: int) -> list[ParityBatch]:
+    """Split a batch along the string axis into batches of at most ``size`` strings."""
+    return [ParityBatch(*parts) for parts in zip(*(t.split(size) for t in batch), strict=True)]
+
+
+class ParityDataModule(L.LightningDataModule):
+    """Training stream plus evaluation sets: ``val`` (drawn like training) and one per length."""
+
+    def __init__(
+        self,
+        min_len: int,
+        max_len: int,
+        batch_size: int,
+        num_train: int | None = None,
+        supervision: str = "final",
+        encoding: str = "bit",
+        seed: int = 0,
+        eval_lengths: list[int] | tuple[int, ...] = (),
+        num_val: int = 512,
+        num_test: int = 256,
+        eval_batch_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.min_len, self.max_len, self.batch_size = min_len, max_len, batch_size
+        self.num_train, self.supervision, self.encoding = num_train, supervision, encoding
+        self.seed, self.eval_lengths = seed, [int(n) for n in eval_lengths]
+        self.num_val, self.num_test, self.eval_batch_size = num_val, num_test, eval_batch_size
+        self._eval_sets: dict[str, ParityBatch] | None = None
+
+    @property
+    def input_size(self) -> int:
+        return ENCODING_SIZES[self.encoding]
+
+    @property
+    def eval_names(self) -> list[str]:
+        """Names of the evaluation sets, in dataloader order: ``val`` then ``len_<L>``."""
+        return ["val"] + [f"len_{n}" for n in self.eval_lengths]
+
+    def eval_sets(self) -> dict[str, ParityBatch]:
+        if self._eval_sets is None:
+            sets = {"val": eval_set(self.seed, "val", self.num_val, self.min_len, self.max_len,
+                                    self.encoding)}
+            for n in self.eval_lengths:
+                sets[f"len_{n}"] = eval_set(self.seed, f"len_{n}", self.num_test, n, n,
+                                            self.encoding)
+            self._eval_sets = sets
+        return self._eval_sets
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        stream = ParityStream(
+            self.seed, self.min_len, self.max_len, self.batch_size, self.num_train, self.encoding,
+            first_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+        )
+        return DataLoader(stream, batch_size=None)
+
+    def _eval_dataloaders(self) -> list[DataLoader]:
+        return [
+            DataLoader(split(batch, self.eval_batch_size), batch_size=None)
+            for batch in self.eval_sets().values()
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_dataloaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_dataloaders()

@@ -1,0 +1,53 @@
+"""One classifier around any recurrent core: a linear head reads a logit at every position."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+READOUTS = ("last", "padded_end")
+
+
+class ParityRNN(nn.Module):
+    """Recurrent core + linear head: ``forward(x, lengths) -> logits (batch, time)``.
+
+    ``rnn`` builds the core with torch's RNN signature ``(input_size, hidden_size, num_layers,
+    batch_first=True)``: ``torch.nn.LSTM`` or a hand-written twin such as ``ManualLSTM``. Both name
+    their parameters alike, so a ``state_dict`` moves between them unchanged.
+
+    ``readout`` picks where a string's prediction is read: ``last`` (its true last bit, position
+    ``lengths - 1``) or ``padded_end`` (the last padded position: the classic padding bug).
+    """
+
+    def __init__(
+        self,
+        rnn: Callable[..., nn.Module],
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        readout: str = "last",
+    ) -> None:
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"model.readout={readout!r}: allowed values are {list(READOUTS)}")
+        self.readout = readout
+        self.rnn = rnn(input_size, hidden_size, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, 1)
+
+    def run(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        """Logits for a chunk of time steps, starting from (and returning) the recurrent state."""
+        outputs, state = self.rnn(x, state)
+        return self.head(outputs).squeeze(-1), state
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Causal: position t sees only inputs up to t, so padding never reaches a valid position.
+        return self.run(x)[0]
+
+    def final_logits(self, logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The logit that predicts each string's parity, according to ``readout``."""
+        if self.readout == "padded_end":
+            return logits[:, -1]
+        return logits.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)

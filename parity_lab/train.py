@@ -1,0 +1,100 @@
+"""``train(cfg) -> metrics``: one run, from a composed config to ``metrics.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from parity_lab.callbacks import SolvedTracker
+from parity_lab.config import validate
+from parity_lab.module import ParityModule
+
+
+def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings, flattened to ``group/key`` for TensorBoard's HParams tab."""
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not key.startswith("_"):
+                    visit(value, f"{prefix}{key}/")
+        else:
+            flat[prefix[:-1]] = str(node) if isinstance(node, list) or node is None else node
+
+    visit(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
+    accuracies = "  ".join(
+        f"{'val' if name == 'val/acc' else 'len ' + name.rsplit('_', 1)[1]}: {value:.3f}"
+        for name, value in metrics.items()
+        if name.startswith(("val/acc", "test/acc"))
+    )
+    solved = (
+        f"solved at step {metrics['solved_step']}" if metrics["solved_step"] is not None
+        else "not solved"
+    )
+    return (
+        f"\n{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden={cfg.model.hidden_size}, lengths "
+        f"{cfg.data.min_len}..{cfg.data.max_len}, {cfg.data.supervision} labels: {solved}; "
+        f"{metrics['global_step']} steps in {metrics['train_seconds']:.1f} s\n"
+        f"  accuracy  {accuracies}\n"
+        f"  run dir   {run_dir}   (tensorboard --logdir {run_dir})\n"
+        f"  checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\n"
+    )
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Train one model as ``cfg`` says, write ``metrics.json`` in ``run_dir`` and return it."""
+    validate(cfg)
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    torch.set_num_threads(cfg.num_threads)
+    L.seed_everything(cfg.seed, verbose=False)
+
+    datamodule = instantiate(
+        cfg.data, seed=cfg.seed, eval_lengths=list(cfg.eval.lengths),
+        num_val=cfg.eval.num_val, num_test=cfg.eval.num_test,
+    )
+    module = ParityModule(
+        model=instantiate(cfg.model),
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        supervision=cfg.data.supervision,
+        eval_names=datamodule.eval_names,
+    )
+    logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
+    solved = SolvedTracker(cfg.eval.stop_when_solved)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=logger, callbacks=[solved, checkpoint], default_root_dir=run_dir
+    )
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+
+    metrics: dict[str, Any] = {}
+    for results in trainer.test(module, datamodule=datamodule, verbose=False):
+        metrics.update(results)
+    metrics["solved"] = all(v == 1.0 for k, v in metrics.items() if "acc" in k)
+    metrics["solved_step"] = solved.solved_step
+    metrics["global_step"] = trainer.global_step
+    metrics["train_seconds"] = round(train_seconds, 3)
+
+    logger.log_hyperparams(hyperparameters(cfg), metrics={k: float(v) for k, v in metrics.items()
+                                                           if v is not None})
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(summary(cfg, metrics, run_dir))
+    return metrics
