@@ -53,7 +53,7 @@ def make_batch(bits: torch.Tensor, lengths: torch.Tensor, encoding: str) -> Pari
 def sample_bits(
     generator: torch.Generator, num: int, min_len: int, max_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num`` strings, lengths uniform in ``min_len..max_len``, padded with zeros to ``max_len``."""
+    """``num`` strings, lengths uniform in ``min_len..max_len``, zero-padded to ``max_len``."""
     lengths = torch.randint(min_len, max_len + 1, (num,), generator=generator)
     bits = torch.randint(0, 2, (num, max_len), generator=generator, dtype=torch.int64)
     bits *= torch.arange(max_len) < lengths[:, None]
@@ -168,18 +168,27 @@ class ParityDataModule(L.LightningDataModule):
 
     def eval_sets(self) -> dict[str, ParityBatch]:
         if self._eval_sets is None:
-            sets = {"val": eval_set(self.seed, "val", self.num_val, self.min_len, self.max_len,
-                                    self.encoding)}
+            sets = {
+                "val": eval_set(
+                    self.seed, "val", self.num_val, self.min_len, self.max_len, self.encoding
+                )
+            }
             for n in self.eval_lengths:
-                sets[f"len_{n}"] = eval_set(self.seed, f"len_{n}", self.num_test, n, n,
-                                            self.encoding)
+                sets[f"len_{n}"] = eval_set(
+                    self.seed, f"len_{n}", self.num_test, n, n, self.encoding
+                )
             self._eval_sets = sets
         return self._eval_sets
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         stream = ParityStream(
-            self.seed, self.min_len, self.max_len, self.batch_size, self.num_train, self.encoding,
+            self.seed,
+            self.min_len,
+            self.max_len,
+            self.batch_size,
+            self.num_train,
+            self.encoding,
             first_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
         )
         return DataLoader(stream, batch_size=None)

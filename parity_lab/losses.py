@@ -1,4 +1,4 @@
-"""Hand-written binary cross-entropy on logits (the built-in one is ``torch.nn.BCEWithLogitsLoss``)."""
+"""Hand-written binary cross-entropy on logits; the built-in is ``torch.nn.BCEWithLogitsLoss``."""
 
 import torch
 from torch import nn

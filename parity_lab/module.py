@@ -33,7 +33,10 @@ class ParityModule(L.LightningModule):
         self.supervision, self.eval_names = supervision, eval_names
         self.train_acc = BinaryAccuracy()
         self.eval_acc = nn.ModuleDict(
-            {stage: nn.ModuleList(BinaryAccuracy() for _ in eval_names) for stage in ("val", "test")}
+            {
+                stage: nn.ModuleList(BinaryAccuracy() for _ in eval_names)
+                for stage in ("val", "test")
+            }
         )
 
     def predict_final(self, batch: ParityBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -43,7 +43,8 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
         if name.startswith(("val/acc", "test/acc"))
     )
     solved = (
-        f"solved at step {metrics['solved_step']}" if metrics["solved_step"] is not None
+        f"solved at step {metrics['solved_step']}"
+        if metrics["solved_step"] is not None
         else "not solved"
     )
     return (
@@ -64,8 +65,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
 
     datamodule = instantiate(
-        cfg.data, seed=cfg.seed, eval_lengths=list(cfg.eval.lengths),
-        num_val=cfg.eval.num_val, num_test=cfg.eval.num_test,
+        cfg.data,
+        seed=cfg.seed,
+        eval_lengths=list(cfg.eval.lengths),
+        num_val=cfg.eval.num_val,
+        num_test=cfg.eval.num_test,
     )
     module = ParityModule(
         model=instantiate(cfg.model),
@@ -93,8 +97,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
 
-    logger.log_hyperparams(hyperparameters(cfg), metrics={k: float(v) for k, v in metrics.items()
-                                                           if v is not None})
+    logger.log_hyperparams(
+        hyperparameters(cfg), metrics={k: float(v) for k, v in metrics.items() if v is not None}
+    )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(summary(cfg, metrics, run_dir))
     return metrics
