@@ -32,7 +32,9 @@ def accuracy_at_length(
     full = torch.full((num_strings,), chunk_len)
     state, final_logits = None, None
     for start in range(0, length, chunk_len):
-        bits = torch.randint(0, 2, (num_strings, min(chunk_len, length - start)), generator=generator)
+        bits = torch.randint(
+            0, 2, (num_strings, min(chunk_len, length - start)), generator=generator
+        )
         parity ^= bits.sum(dim=1).remainder_(2)
         logits, state = model.run(encode(bits, full, encoding).to(device), state)
         final_logits = logits[:, -1]
