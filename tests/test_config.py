@@ -1,4 +1,4 @@
-"""Every yaml in every config group composes and instantiates; experiments say what DESIGN.md says."""
+"""Every yaml in every config group composes and instantiates; experiments match DESIGN.md."""
 
 from __future__ import annotations
 

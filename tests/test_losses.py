@@ -40,8 +40,8 @@ def test_extreme_logits_give_exact_loss() -> None:
 def test_every_step_loss_ignores_padded_positions() -> None:
     """The module selects valid positions before the loss, so padding never changes it."""
     from parity_lab.data import make_batch, sample_bits
-    from parity_lab.module import ParityModule
     from parity_lab.models import ParityRNN
+    from parity_lab.module import ParityModule
 
     torch.manual_seed(0)
     module = ParityModule(
