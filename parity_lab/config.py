@@ -63,4 +63,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.lengths={lengths} is invalid: expected a list of integers >= 1")
     _int(cfg, "eval.num_val", 1)
     _int(cfg, "eval.num_test", 1)
+    _int(cfg, "eval.curve.max_len", 1, optional=True)
+    for key in ("dense_until", "per_decade", "num_strings", "chunk_len"):
+        _int(cfg, f"eval.curve.{key}", 1)
     _int(cfg, "num_threads", 1)
