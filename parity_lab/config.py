@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab import ENCODING_SIZES
+from parity_lab import ENCODING_SIZES, SCHEDULES
 from parity_lab.models.classifier import READOUTS
 
 SUPERVISIONS = ("final", "every_step")
@@ -53,6 +53,14 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.num_train", 1, optional=True)
     _choice(cfg, "data.supervision", SUPERVISIONS)
     _choice(cfg, "data.encoding", ENCODING_SIZES)
+    _choice(cfg, "data.curriculum.schedule", SCHEDULES)
+    _int(cfg, "data.curriculum.start_len", 1)
+    _int(cfg, "data.curriculum.steps", 1)
+    if cfg.data.curriculum.schedule != "none" and cfg.data.num_train is not None:
+        raise ConfigError(
+            f"data.curriculum.schedule={cfg.data.curriculum.schedule!r} needs fresh strings: "
+            f"set data.num_train=null (it is {cfg.data.num_train})"
+        )
     lr = _value(cfg, "optimizer.lr")
     if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr!r} is invalid: expected a number > 0")
