@@ -262,6 +262,18 @@ def drift(
     return rows
 
 
+@torch.no_grad()
+def zero_run_limit(model: ParityRNN, prefix: list[int], encoding: str, longest: int) -> int | None:
+    """The first ``n`` at which the prediction for ``prefix + 0^n`` is wrong (None: right up to
+    ``longest``). Zeros keep the parity, so an exact automaton holds it through any run of them;
+    a trained network may leak towards the other state, and random strings contain ever longer
+    runs as they grow."""
+    bits = torch.tensor([prefix + [0] * longest])
+    logits, _ = model.run(encode(bits, torch.tensor([bits.shape[1]]), encoding))
+    wrong = ((logits[0, len(prefix) :] > 0).long() != sum(prefix) % 2).nonzero()
+    return int(wrong[0]) + 1 if len(wrong) else None
+
+
 def plot_trajectories(states: torch.Tensor, bits: torch.Tensor, title: str, shown: int = 4) -> Any:
     """States on their first two principal components, coloured by true parity, with the paths of
     a few strings drawn through them."""
@@ -337,6 +349,11 @@ def main(argv: list[str] | None = None) -> Analysis:
     print(f"  agrees with the network on {result.agreement:.4f} of positions")
     verdict = "is" if machine.num_states == 2 and machine.is_parity() else "is NOT"
     print(f"  it {verdict} the 2-state parity automaton; written to {out}")
+    for prefix in ([1], [0]):
+        limit = zero_run_limit(model, prefix, cfg.data.encoding, 100_000)
+        parity = "odd" if sum(prefix) else "even"
+        held = f"fails after {limit} zeros" if limit else "holds through 100000 zeros"
+        print(f"  {parity} parity ({prefix[0]} then zeros): {held}")
     if args.drift:
         points = states.flatten(0, 1)
         labels = kmeans(points, result.clusters, cfg.seed)

@@ -185,3 +185,22 @@ def test_analyze_command_on_a_run_dir(make_config, tmp_path: Path, capsys) -> No
     assert len(saved["automaton"]["transitions"]) == 2
     assert (tmp_path / "analysis" / "trajectories.png").stat().st_size > 0
     assert "analysis/trajectories" in image_tags(tmp_path)
+
+
+@pytest.mark.parametrize("build", HANDSET)
+def test_handset_models_hold_parity_through_long_runs_of_zeros(build) -> None:
+    assert analyze.zero_run_limit(build(), [1], "bit", 10_000) is None
+    assert analyze.zero_run_limit(build(), [0], "bit", 10_000) is None
+
+
+def test_zero_run_limit_finds_a_leaking_odd_state() -> None:
+    """A 1-unit RNN whose state decays by half per zero: after a 1 it reads 'odd' until the state
+    falls below the head's threshold."""
+    model = ParityRNN(torch.nn.RNN, input_size=1, hidden_size=1)
+    with torch.no_grad():
+        for name, value in [("weight_ih_l0", 10.0), ("weight_hh_l0", 0.5), ("bias_ih_l0", 0.0)]:
+            getattr(model.rnn, name).fill_(value)
+        model.rnn.bias_hh_l0.zero_()
+        model.head.weight.fill_(1.0)
+        model.head.bias.fill_(-0.1)  # odd while h > 0.1: h = 1, 0.46, 0.23, 0.11, 0.06
+    assert analyze.zero_run_limit(model, [1], "bit", 100) == 4
