@@ -263,15 +263,30 @@ def drift(
 
 
 @torch.no_grad()
-def zero_run_limit(model: ParityRNN, prefix: list[int], encoding: str, longest: int) -> int | None:
-    """The first ``n`` at which the prediction for ``prefix + 0^n`` is wrong (None: right up to
-    ``longest``). Zeros keep the parity, so an exact automaton holds it through any run of them;
-    a trained network may leak towards the other state, and random strings contain ever longer
-    runs as they grow."""
-    bits = torch.tensor([prefix + [0] * longest])
-    logits, _ = model.run(encode(bits, torch.tensor([bits.shape[1]]), encoding))
-    wrong = ((logits[0, len(prefix) :] > 0).long() != sum(prefix) % 2).nonzero()
-    return int(wrong[0]) + 1 if len(wrong) else None
+def zero_run_limits(
+    model: ParityRNN, prefixes: torch.Tensor, encoding: str, longest: int, chunk_len: int = 4096
+) -> torch.Tensor:
+    """For each prefix ``(batch, bits)``, the first ``n`` at which ``prefix + 0^n`` is predicted
+    wrong: 0 if the prefix itself is, ``longest + 1`` if it stays right through ``longest`` zeros.
+
+    Zeros keep the parity, so an exact automaton holds it through any run of them; a trained
+    network may leak towards the other state, and random strings contain ever longer runs.
+    """
+    batch, size = prefixes.shape
+    parity = prefixes.sum(dim=1).remainder(2)
+    logits, state = model.run(encode(prefixes, torch.full((batch,), size), encoding))
+    first = torch.full((batch,), longest + 1)
+    first[(logits[:, -1] > 0).long() != parity] = 0
+    done = 0
+    while done < longest:
+        size = min(chunk_len, longest - done)
+        zeros = torch.zeros(batch, size, dtype=torch.int64)
+        logits, state = model.run(encode(zeros, torch.full((batch,), size), encoding), state)
+        wrong = (logits > 0).long() != parity[:, None]
+        fresh = wrong.any(dim=1) & (first == longest + 1)
+        first[fresh] = wrong.long().argmax(dim=1)[fresh] + done + 1
+        done += size
+    return first
 
 
 def plot_trajectories(states: torch.Tensor, bits: torch.Tensor, title: str, shown: int = 4) -> Any:
@@ -349,11 +364,21 @@ def main(argv: list[str] | None = None) -> Analysis:
     print(f"  agrees with the network on {result.agreement:.4f} of positions")
     verdict = "is" if machine.num_states == 2 and machine.is_parity() else "is NOT"
     print(f"  it {verdict} the 2-state parity automaton; written to {out}")
-    for prefix in ([1], [0]):
-        limit = zero_run_limit(model, prefix, cfg.data.encoding, 100_000)
-        parity = "odd" if sum(prefix) else "even"
-        held = f"fails after {limit} zeros" if limit else "holds through 100000 zeros"
-        print(f"  {parity} parity ({prefix[0]} then zeros): {held}")
+    longest = 10_000
+    prefixes = torch.randint(
+        0, 2, (args.strings, length), generator=key_generator(cfg.seed, "zero_runs")
+    )
+    limits = zero_run_limits(model, prefixes, cfg.data.encoding, longest)
+    for parity, name in ((1, "odd"), (0, "even")):
+        chosen = limits[prefixes.sum(dim=1).remainder(2) == parity]
+        broken = chosen[chosen <= longest]
+        summary = (
+            f"breaks {len(broken)} of {len(chosen)}: after a run of min {int(broken.min())}, "
+            f"median {int(broken.median())} zeros"
+            if len(broken)
+            else f"holds all {len(chosen)}"
+        )
+        print(f"  {name}-parity {length}-bit prefixes + up to {longest} zeros: {summary}")
     if args.drift:
         points = states.flatten(0, 1)
         labels = kmeans(points, result.clusters, cfg.seed)

@@ -189,8 +189,10 @@ def test_analyze_command_on_a_run_dir(make_config, tmp_path: Path, capsys) -> No
 
 @pytest.mark.parametrize("build", HANDSET)
 def test_handset_models_hold_parity_through_long_runs_of_zeros(build) -> None:
-    assert analyze.zero_run_limit(build(), [1], "bit", 10_000) is None
-    assert analyze.zero_run_limit(build(), [0], "bit", 10_000) is None
+    prefixes = torch.tensor([[1], [0], [1], [1]]), torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0]])
+    for batch in prefixes:
+        limits = analyze.zero_run_limits(build(), batch, "bit", 10_000, chunk_len=3000)
+        assert limits.tolist() == [10_001] * len(batch)
 
 
 def test_zero_run_limit_finds_a_leaking_odd_state() -> None:
@@ -203,4 +205,5 @@ def test_zero_run_limit_finds_a_leaking_odd_state() -> None:
         model.rnn.bias_hh_l0.zero_()
         model.head.weight.fill_(1.0)
         model.head.bias.fill_(-0.1)  # odd while h > 0.1: h = 1, 0.46, 0.23, 0.11, 0.06
-    assert analyze.zero_run_limit(model, [1], "bit", 100) == 4
+    limits = analyze.zero_run_limits(model, torch.tensor([[1], [0]]), "bit", 100, chunk_len=3)
+    assert limits.tolist() == [4, 101]
