@@ -202,7 +202,7 @@ def analyze(
     encoding: str = "bit",
     num_strings: int = 256,
     length: int = 50,
-    max_clusters: int = 16,
+    max_clusters: int = 32,
     seed: int = 0,
     threshold: float = 0.99,
 ) -> tuple[Analysis, torch.Tensor, torch.Tensor]:
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> Analysis:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--strings", type=int, default=256, help="random strings to run")
     parser.add_argument("--length", type=int, default=None, help="bits each (default max_len)")
-    parser.add_argument("--max-clusters", type=int, default=16)
+    parser.add_argument("--max-clusters", type=int, default=32)
     parser.add_argument(
         "--drift", type=int, default=None, help="also follow streams up to this many bits"
     )
@@ -371,13 +371,15 @@ def main(argv: list[str] | None = None) -> Analysis:
     limits = zero_run_limits(model, prefixes, cfg.data.encoding, longest)
     for parity, name in ((1, "odd"), (0, "even")):
         chosen = limits[prefixes.sum(dim=1).remainder(2) == parity]
-        broken = chosen[chosen <= longest]
+        broken = chosen[(chosen > 0) & (chosen <= longest)]
         summary = (
             f"breaks {len(broken)} of {len(chosen)}: after a run of min {int(broken.min())}, "
             f"median {int(broken.median())} zeros"
             if len(broken)
             else f"holds all {len(chosen)}"
         )
+        if (chosen == 0).any():
+            summary += f" ({int((chosen == 0).sum())} wrong before any zero)"
         print(f"  {name}-parity {length}-bit prefixes + up to {longest} zeros: {summary}")
     if args.drift:
         points = states.flatten(0, 1)
