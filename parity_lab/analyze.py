@@ -28,6 +28,7 @@ from parity_lab.data import encode, key_generator
 from parity_lab.models import ParityRNN
 
 START = -1  # the automaton's start state: the zero state before any bit
+RUNS = [8, 16, 24, 32, 48, 64, 128, 1024]  # runs of zeros after which parity loss is probed
 
 
 @dataclass
@@ -289,6 +290,27 @@ def zero_run_limits(
     return first
 
 
+@torch.no_grad()
+def lost_after_zeros(
+    model: ParityRNN, prefixes: torch.Tensor, encoding: str, runs: list[int]
+) -> dict[int, float]:
+    """Share of prefixes for which ``prefix + 0^z + 1`` is predicted wrong, for each run ``z``.
+
+    A network whose output merely sags inside a long run of zeros recovers at the next 1; one
+    whose state has crossed to the other parity stays wrong from then on.
+    """
+    batch, size = prefixes.shape
+    parity = (prefixes.sum(dim=1) + 1).remainder(2)
+    lost = {}
+    for run in runs:
+        bits = torch.cat(
+            [prefixes, torch.zeros(batch, run, dtype=torch.int64), torch.ones(batch, 1).long()], 1
+        )
+        logits, _ = model.run(encode(bits, torch.full((batch,), bits.shape[1]), encoding))
+        lost[run] = ((logits[:, -1] > 0).long() != parity).float().mean().item()
+    return lost
+
+
 def plot_trajectories(states: torch.Tensor, bits: torch.Tensor, title: str, shown: int = 4) -> Any:
     """States on their first two principal components, coloured by true parity, with the paths of
     a few strings drawn through them."""
@@ -370,7 +392,8 @@ def main(argv: list[str] | None = None) -> Analysis:
     )
     limits = zero_run_limits(model, prefixes, cfg.data.encoding, longest)
     for parity, name in ((1, "odd"), (0, "even")):
-        chosen = limits[prefixes.sum(dim=1).remainder(2) == parity]
+        mask = prefixes.sum(dim=1).remainder(2) == parity
+        chosen = limits[mask]
         broken = chosen[(chosen > 0) & (chosen <= longest)]
         summary = (
             f"breaks {len(broken)} of {len(chosen)}: after a run of min {int(broken.min())}, "
@@ -381,6 +404,9 @@ def main(argv: list[str] | None = None) -> Analysis:
         if (chosen == 0).any():
             summary += f" ({int((chosen == 0).sum())} wrong before any zero)"
         print(f"  {name}-parity {length}-bit prefixes + up to {longest} zeros: {summary}")
+        lost = lost_after_zeros(model, prefixes[mask], cfg.data.encoding, RUNS)
+        shares = ", ".join(f"{run}: {share:.2f}" for run, share in lost.items())
+        print(f"    wrong after the next 1 (parity lost), by run of zeros: {shares}")
     if args.drift:
         points = states.flatten(0, 1)
         labels = kmeans(points, result.clusters, cfg.seed)

@@ -195,9 +195,18 @@ def test_handset_models_hold_parity_through_long_runs_of_zeros(build) -> None:
         assert limits.tolist() == [10_001] * len(batch)
 
 
-def test_zero_run_limit_finds_a_leaking_odd_state() -> None:
-    """A 1-unit RNN whose state decays by half per zero: after a 1 it reads 'odd' until the state
-    falls below the head's threshold."""
+def test_parity_is_lost_only_when_the_leak_crosses_over() -> None:
+    """The hand-set models never lose it; the leaking unit below has forgotten its 1 after a run of
+    zeros and reads the next 1 as odd again."""
+    prefixes = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 0]])
+    for build in HANDSET:
+        assert set(analyze.lost_after_zeros(build(), prefixes, "bit", [8, 64]).values()) == {0.0}
+    assert analyze.lost_after_zeros(leaking_rnn(), torch.tensor([[1]]), "bit", [8]) == {8: 1.0}
+
+
+def leaking_rnn() -> ParityRNN:
+    """A 1-unit RNN whose state decays by about half per zero: after a 1 it reads 'odd' until the
+    state falls below the head's threshold (it is not a parity network: a second 1 adds up)."""
     model = ParityRNN(torch.nn.RNN, input_size=1, hidden_size=1)
     with torch.no_grad():
         for name, value in [("weight_ih_l0", 10.0), ("weight_hh_l0", 0.5), ("bias_ih_l0", 0.0)]:
@@ -205,5 +214,9 @@ def test_zero_run_limit_finds_a_leaking_odd_state() -> None:
         model.rnn.bias_hh_l0.zero_()
         model.head.weight.fill_(1.0)
         model.head.bias.fill_(-0.1)  # odd while h > 0.1: h = 1, 0.46, 0.23, 0.11, 0.06
-    limits = analyze.zero_run_limits(model, torch.tensor([[1], [0]]), "bit", 100, chunk_len=3)
+    return model
+
+
+def test_zero_run_limit_finds_a_leaking_odd_state() -> None:
+    limits = analyze.zero_run_limits(leaking_rnn(), torch.tensor([[1], [0]]), "bit", 100, 3)
     assert limits.tolist() == [4, 101]
