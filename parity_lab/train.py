@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,12 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
     )
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Train one model as ``cfg`` says, write ``metrics.json`` in ``run_dir`` and return it."""
+def train(
+    cfg: DictConfig, run_dir: Path | None = None, callbacks: Sequence[L.Callback] = ()
+) -> dict[str, Any]:
+    """Train one model as ``cfg`` says, write ``metrics.json`` in ``run_dir`` and return it.
+
+    ``callbacks`` are added to the run's own (benchmarks use this to time its phases)."""
     validate(cfg)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     torch.set_num_threads(cfg.num_threads)
@@ -82,7 +87,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     solved = SolvedTracker(cfg.eval.stop_when_solved)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=[solved, checkpoint], default_root_dir=run_dir
+        cfg.trainer,
+        logger=logger,
+        callbacks=[solved, checkpoint, *callbacks],
+        default_root_dir=run_dir,
     )
 
     start = time.perf_counter()
@@ -100,6 +108,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     logger.log_hyperparams(
         hyperparameters(cfg), metrics={k: float(v) for k, v in metrics.items() if v is not None}
     )
+    logger.finalize("success")  # flush and close the event file before returning
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(summary(cfg, metrics, run_dir))
     return metrics

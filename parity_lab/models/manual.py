@@ -97,12 +97,17 @@ class ManualRecurrent(nn.Module):
         elif self.state_size == 1:
             state = (state,)
         layer_states = list(zip(*(s.unbind(0) for s in state), strict=True))
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        # Under torch.compile the loop is traced as plain ops and the compiler derives the backward.
+        hand_written_backward = (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and any(p.requires_grad for p in self.parameters())
+        )
         x = x.transpose(0, 1)  # time-major inside: each step reads and writes contiguous rows
         for layer in range(self.num_layers):
             weight_ih, weight_hh, bias_ih, bias_hh = self.layer_weights(layer)
             x_proj = torch.nn.functional.linear(x, weight_ih, bias_ih)  # all steps at once
-            if needs_grad:
+            if hand_written_backward:
                 x, *layer_state = BackpropThroughTime.apply(
                     self, x_proj, weight_hh, bias_hh, *layer_states[layer]
                 )
