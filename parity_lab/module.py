@@ -61,7 +61,7 @@ class ParityModule(L.LightningModule):
     def _evaluate(self, stage: str, batch: ParityBatch, dataloader_idx: int) -> None:
         _, final, parity = self.predict_final(batch)
         metric = self.eval_acc[stage][dataloader_idx]
-        metric(torch.sigmoid(final), parity)
+        metric.update(torch.sigmoid(final), parity)  # forward() would also compute per batch
         name = metric_name(stage, self.eval_names[dataloader_idx])
         self.log(name, metric, add_dataloader_idx=False, prog_bar=name == "val/acc")
 
