@@ -19,6 +19,10 @@ def metric_name(stage: str, eval_name: str) -> str:
     return "val/acc" if eval_name == "val" else f"{stage}/acc_{eval_name}"
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run stops before the weights take that step."""
+
+
 class ParityModule(L.LightningModule):
     def __init__(
         self,
@@ -53,6 +57,11 @@ class ParityModule(L.LightningModule):
             loss = self.loss(logits[valid], batch.targets[valid])
         else:
             loss = self.loss(final, parity)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step}: lower optimizer.lr "
+                "or set trainer.gradient_clip_val; the checkpoint and logs written so far are kept"
+            )
         self.train_acc(torch.sigmoid(final), parity)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, prog_bar=True)

@@ -11,11 +11,10 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab.callbacks import SolvedTracker
+from parity_lab.callbacks import LastCheckpoint, SolvedTracker
 from parity_lab.config import validate
 from parity_lab.module import ParityModule
 
@@ -58,8 +57,13 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Train one model as ``cfg`` says, write ``metrics.json`` in ``run_dir`` and return it."""
+    """Train one model as ``cfg`` says, write ``metrics.json`` in ``run_dir`` and return it.
+
+    With ``cfg.resume`` set, the run continues in that directory from its last checkpoint.
+    """
     validate(cfg)
+    if cfg.resume is not None:
+        run_dir = Path(cfg.resume)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, verbose=False)
@@ -80,13 +84,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     )
     logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
     solved = SolvedTracker(cfg.eval.stop_when_solved)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=[solved, checkpoint], default_root_dir=run_dir
     )
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    resume_from = checkpoint.path if cfg.resume is not None and checkpoint.path.is_file() else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     train_seconds = time.perf_counter() - start
 
     metrics: dict[str, Any] = {}
