@@ -1,10 +1,12 @@
-"""Training callbacks: know when every evaluated accuracy is 1.0, and optionally stop there."""
+"""Training callbacks: stop once solved, and a quiet progress bar."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class SolvedTracker(L.Callback):
@@ -29,3 +31,18 @@ class SolvedTracker(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.solved_step = state_dict["solved_step"]
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """Lightning's bar for training only: evaluation passes take milliseconds, and their bars
+    would scroll the training bar away."""
+
+    def init_validation_tqdm(self) -> Tqdm:
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
+
+    def init_test_tqdm(self) -> Tqdm:
+        bar = super().init_test_tqdm()
+        bar.disable = True
+        return bar

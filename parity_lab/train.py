@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab.callbacks import SolvedTracker
+from parity_lab.callbacks import SolvedTracker, TrainingProgressBar
 from parity_lab.config import validate
 from parity_lab.module import ParityModule
 
@@ -81,8 +81,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
     solved = SolvedTracker(cfg.eval.stop_when_solved)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    callbacks: list[L.Callback] = [solved, checkpoint]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TrainingProgressBar())
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=[solved, checkpoint], default_root_dir=run_dir
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=run_dir
     )
 
     start = time.perf_counter()
