@@ -38,11 +38,7 @@ class TrainingProgressBar(TQDMProgressBar):
     would scroll the training bar away."""
 
     def init_validation_tqdm(self) -> Tqdm:
-        bar = super().init_validation_tqdm()
-        bar.disable = True
-        return bar
+        return Tqdm(disable=True)
 
     def init_test_tqdm(self) -> Tqdm:
-        bar = super().init_test_tqdm()
-        bar.disable = True
-        return bar
+        return Tqdm(disable=True)
