@@ -83,7 +83,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
     callbacks: list[L.Callback] = [solved, checkpoint]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TrainingProgressBar())
+        callbacks.append(TrainingProgressBar(refresh_rate=25))  # redrawing costs time per step
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=run_dir
     )
