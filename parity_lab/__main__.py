@@ -1,8 +1,10 @@
 """``python -m parity_lab [overrides]``: train one run, or a sweep with ``-m``."""
 
+import logging
 import math
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import hydra
@@ -19,6 +21,13 @@ def main(cfg: DictConfig) -> float:
     on, so one bad job never costs the others their results."""
     from parity_lab.module import NonFiniteLossError  # heavy imports after Hydra parsed argv
     from parity_lab.train import train
+
+    # Lightning 2.6 on torch >= 2.10 warns about its own use of a deprecated torch API.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Lightning's INFO banners (hardware, tips) print twice under Hydra's logging and say nothing
+    # the run's own summary does not; warnings still show.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

@@ -1,4 +1,4 @@
-"""Training callbacks: know when every evaluated accuracy is 1.0, and checkpoint for resuming."""
+"""Training callbacks: stop once solved, checkpoint for resuming, and a quiet progress bar."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class SolvedTracker(L.Callback):
@@ -62,3 +63,14 @@ class LastCheckpoint(Checkpoint):
         partial = self.path.with_name(self.path.name + ".partial")
         trainer.save_checkpoint(partial, weights_only=False)
         os.replace(partial, self.path)
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """Lightning's bar for training only: evaluation passes take milliseconds, and their bars
+    would scroll the training bar away."""
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def init_test_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)

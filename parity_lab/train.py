@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab.callbacks import LastCheckpoint, SolvedTracker
+from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
 from parity_lab.config import validate
 from parity_lab.module import ParityModule
 
@@ -85,12 +85,17 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
     solved = SolvedTracker(cfg.eval.stop_when_solved)
     checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
+    callbacks: list[L.Callback] = [solved, checkpoint]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TrainingProgressBar(refresh_rate=25))  # redrawing costs time per step
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=[solved, checkpoint], default_root_dir=run_dir
+        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=run_dir
     )
 
     start = time.perf_counter()
     resume_from = checkpoint.path if cfg.resume is not None and checkpoint.path.is_file() else None
+    if cfg.resume is not None:
+        print(f"resuming {run_dir} from {resume_from or 'step 0: it has no checkpoint yet'}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     train_seconds = time.perf_counter() - start
 

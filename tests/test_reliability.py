@@ -17,6 +17,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch import nn
 
 from parity_lab.__main__ import resume_in_place
@@ -244,9 +245,17 @@ def test_resume_after_sigkill_ends_exactly_like_an_uninterrupted_run(
     killed_at = kill_after_checkpoint(overrides, killed, step=60)
     assert 60 <= killed_at < 300 and not (killed / "metrics.json").exists()
 
+    events_before_resume = set(killed.glob("events.out.tfevents.*"))
     result = python_m("parity_lab", f"resume={killed}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Restoring states from the checkpoint" in result.stderr
+    assert f"resuming {killed} from {killed / 'checkpoints' / 'last.ckpt'}" in result.stdout
+    resumed_steps = [
+        event.step
+        for path in set(killed.glob("events.out.tfevents.*")) - events_before_resume
+        for event in EventFileLoader(str(path)).Load()
+        if any(value.tag == "train/loss" for value in event.summary.value)
+    ]
+    assert min(resumed_steps) >= killed_at  # it went on from the checkpoint, not from step 0
     assert without_timings(read_metrics(killed)) == without_timings(expected)
     assert_same_weights(checkpoint(killed)["state_dict"], checkpoint(whole)["state_dict"])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["killed", "whole"]
