@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from parity_lab.data import make_batch
-from parity_lab.predict import load_run, parity_probabilities
+from parity_lab.predict import PredictError, load_run, parity_probabilities
 from tests.conftest import FAST, ROOT
 
 
@@ -117,15 +117,16 @@ def test_checkpoint_is_loaded_as_weights_only(trained_run: Path, tmp_path: Path)
     checkpoint = torch.load(last, weights_only=True)
     torch.save({**checkpoint, "extra": OpensFileWhenUnpickled(marker)}, last)
 
-    result = predict(str(run_dir), "0110")
-    assert result.returncode != 0 and result.stdout == ""
-    assert result.stderr.startswith(f"predict: cannot load {last} as weights only")
+    with pytest.raises(PredictError, match=f"cannot load {last} as weights only"):
+        load_run(run_dir)
     assert not marker.exists()
     torch.load(last, weights_only=False)  # what full unpickling would have done
     assert marker.exists()
 
 
-def test_missing_run_is_a_clean_error(tmp_path: Path) -> None:
-    result = predict(str(tmp_path / "nowhere"), "01")
-    assert result.returncode != 0
-    assert result.stderr.strip().startswith("predict: ") and "Traceback" not in result.stderr
+def test_missing_run_or_checkpoint_is_a_clean_error(trained_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(PredictError, match="config.yaml not found: expected the directory of a"):
+        load_run(tmp_path / "nowhere")
+    shutil.copytree(trained_run / ".hydra", tmp_path / "unsaved" / ".hydra")
+    with pytest.raises(PredictError, match="the run has not saved a checkpoint yet"):
+        load_run(tmp_path / "unsaved")
