@@ -332,11 +332,13 @@ def test_failed_sweep_job_leaves_the_other_jobs_results(tmp_path: Path) -> None:
         "optimizer=sgd",
         "optimizer.lr=1e38,0.1",  # job 0 diverges, job 1 trains
         "trainer.max_steps=20",
+        "resume=null",
         *FAST,
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     failed, trained = sorted(path for path in sweep.iterdir() if path.is_dir())
+    assert "resume" not in failed.name + trained.name  # job directories are named without it
     assert "NonFiniteLossError: non-finite loss" in (failed / "error.txt").read_text()
     assert not (failed / "metrics.json").exists()
     assert "job 0 failed: non-finite loss" in result.stderr
