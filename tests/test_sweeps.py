@@ -254,3 +254,16 @@ def test_slurm_launcher_takes_partition_time_and_cpus_as_overrides():
         launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.timeout_min, launcher.cpus_per_task) == ("gpu", 30, 2)
+
+
+def test_stored_sweep_runs_without_dash_m_and_command_line_narrows_it(tmp_path: Path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "parity_lab", "sweep=lengths", f"hydra.sweep.dir={sweep_dir}",
+               "data=fixed", "data.max_len=5,10", "seed=0", *TINY]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = summary_rows(sweep_dir)
+    assert [(row["data"], row["data.max_len"], row["status"]) for row in rows] == [
+        ("fixed", "5", "ok"), ("fixed", "10", "ok"),
+    ]  # fmt: skip
+    assert not any("sweep=" in row["dir"] for row in rows)  # the same in every job: not in names
