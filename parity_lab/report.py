@@ -87,9 +87,12 @@ def planned_overrides(sweep_dir: Path) -> list[list[str]] | None:
 
 
 def _job_num(job_dir: Path) -> int | None:
-    num = OmegaConf.select(OmegaConf.load(job_dir / ".hydra" / "hydra.yaml"), "hydra.job.num")
-    if isinstance(num, int):
-        return num
+    """Hydra's ``hydra.job.num`` of a job dir, else the number its name starts with."""
+    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        num = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num")
+        if isinstance(num, int):
+            return num
     prefix = job_dir.name.split("_", 1)[0]
     return int(prefix) if prefix.isdigit() else None
 
@@ -283,7 +286,8 @@ def write_markdown(
         lines += ["## Jobs not ok", "", "| job | status | overrides | note |", "|---|---|---|---|"]
         for job in trouble:
             overrides = " ".join(f"{k}={v}" for k, v in job.overrides.items())
-            lines.append(f"| {job.num} | {job.status} | {overrides} | {job.note} |")
+            note = job.note.replace("|", "\\|")
+            lines.append(f"| {job.num} | {job.status} | {overrides} | {note} |")
         lines.append("")
     lines += [f"![summary]({plot})", ""]
     path = sweep_dir / "summary.md"
@@ -343,6 +347,7 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
                 ys,
                 yerr=None if metric is None else errs,
                 marker="o",
+                linestyle="-" if numeric else ":",  # categories: no in-between values
                 capsize=3,
                 label=hue or None,
             )
@@ -358,7 +363,7 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
         ax.grid(alpha=0.3)
     if any(lines):
         axes[0][-1].legend(fontsize="small")
-    fig.suptitle(f"{sweep_dir.name}: mean ± std over seeds")
+    fig.suptitle(f"{sweep_dir.parent.name}/{sweep_dir.name}: mean ± std over seeds")
     fig.tight_layout()
     path = sweep_dir / "summary.png"
     fig.savefig(path, dpi=100)

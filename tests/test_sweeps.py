@@ -267,3 +267,9 @@ def test_stored_sweep_runs_without_dash_m_and_command_line_narrows_it(tmp_path: 
         ("fixed", "5", "ok"), ("fixed", "10", "ok"),
     ]  # fmt: skip
     assert not any("sweep=" in row["dir"] for row in rows)  # the same in every job: not in names
+
+
+def test_report_does_not_import_torch_or_lightning():
+    code = "import sys, parity_lab.report; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
