@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 import socket
@@ -51,19 +52,20 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def joblib_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A 4-job sweep (hidden 4, 8 x seed 0, 1) run in 2 parallel processes; its dir and stdout."""
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    sweep_dir = tmp_path_factory.mktemp("joblib") / "sweep"
-    result = run_sweep(
-        sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model.hidden_size=4,8",
-        "seed=0,1",
-    )  # fmt: skip
+def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 4-job sweep (hidden 4, 8 x seed 0, 1) run in 2 parallel processes (one after another
+    where the joblib plugin is not installed); its dir and stdout."""
+    sweep_dir = tmp_path_factory.mktemp("small") / "sweep"
+    joblib = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if joblib else []
+    result = run_sweep(sweep_dir, *launcher, "model.hidden_size=4,8", "seed=0,1")
     return sweep_dir, result.stdout
 
 
-def test_joblib_sweep_leaves_every_jobs_metrics_and_a_summary(joblib_sweep: tuple[Path, str]):
-    sweep_dir, stdout = joblib_sweep
+def test_small_sweep_leaves_every_jobs_metrics_and_a_summary(small_sweep: tuple[Path, str]):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep_dir, stdout = small_sweep
+    assert "JoblibLauncher" in (sweep_dir / "multirun.yaml").read_text()
     dirs = job_dirs(sweep_dir)
     assert len(dirs) == 4
     assert all((d / "metrics.json").is_file() for d in dirs)
@@ -88,10 +90,10 @@ def test_joblib_sweep_leaves_every_jobs_metrics_and_a_summary(joblib_sweep: tupl
 
 
 def test_report_lists_missing_failed_and_unfinished_jobs(
-    joblib_sweep: tuple[Path, str], tmp_path: Path
+    small_sweep: tuple[Path, str], tmp_path: Path
 ):
     sweep_dir = tmp_path / "sweep"
-    shutil.copytree(joblib_sweep[0], sweep_dir)
+    shutil.copytree(small_sweep[0], sweep_dir)
     for name in ("summary.csv", "summary.md", "summary.png"):
         (sweep_dir / name).unlink()
     dirs = job_dirs(sweep_dir)
@@ -131,8 +133,8 @@ def _get(url: str, body: dict | None = None) -> object:
         return json.loads(response.read())
 
 
-def test_tensorboard_serves_every_jobs_scalars_and_hparams(joblib_sweep: tuple[Path, str]):
-    sweep_dir = joblib_sweep[0]
+def test_tensorboard_serves_every_jobs_scalars_and_hparams(small_sweep: tuple[Path, str]):
+    sweep_dir = small_sweep[0]
     runs = [d.name for d in job_dirs(sweep_dir)]  # TensorBoard's run names: the job dirs
     port = _free_port()
     url = f"http://127.0.0.1:{port}/data"
