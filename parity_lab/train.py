@@ -97,10 +97,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
 
-    # final/ keeps these step-0 scalars (Lightning logs hparams metrics at step 0) off the curves.
+    # final/: the HParams tab's metrics, logged once at the last step, apart from the curves.
     logger.log_hyperparams(
         hyperparameters(cfg),
         metrics={f"final/{k}": float(v) for k, v in metrics.items() if v is not None},
+        step=trainer.global_step,
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(summary(cfg, metrics, run_dir))

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from parity_lab.config import validate
-from parity_lab.report import expand_sweep
+from parity_lab.report import expand_sweep, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -275,3 +275,28 @@ def test_report_does_not_import_torch_or_lightning():
     code = "import sys, parity_lab.report; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_report_on_a_killed_sweep_lists_the_unfinished_and_missing_jobs(tmp_path: Path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "parity_lab", "-m", f"hydra.sweep.dir={sweep_dir}",
+               "seed=0,1,2", *TINY]  # fmt: skip
+    sweep = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(sweep_dir.glob("1_*/.hydra/overrides.yaml")):  # job 0 done, job 1 started
+            assert time.monotonic() < deadline and sweep.poll() is None
+            time.sleep(0.05)
+    finally:
+        sweep.kill()
+        sweep.wait()
+    if list(sweep_dir.glob("1_*/metrics.json")):
+        pytest.skip("job 1 finished before the kill landed")
+
+    write_report(sweep_dir)
+    rows = summary_rows(sweep_dir)
+    assert [(row["seed"], row["status"]) for row in rows] == [
+        ("0", "ok"), ("1", "unfinished"), ("2", "missing"),
+    ]  # fmt: skip
