@@ -27,6 +27,12 @@ STATUSES = ("ok", "failed", "unfinished", "missing")
 SEED_KEY = "seed"  # aggregated over, never part of a configuration
 
 
+def tested_length(metric: str) -> int | None:
+    """``test/acc_len_100`` -> 100; None for any other metric."""
+    prefix, _, length = metric.rpartition("_")
+    return int(length) if prefix == "test/acc_len" and length.isdigit() else None
+
+
 @dataclass
 class Job:
     """One planned or found job of a sweep."""
@@ -41,8 +47,8 @@ class Job:
     @property
     def longest_len(self) -> int | None:
         """The longest string length this job was tested at (``test/acc_len_<L>``)."""
-        lengths = [int(k.rsplit("_", 1)[1]) for k in self.metrics if k.startswith("test/acc_len_")]
-        return max(lengths) if lengths else None
+        lengths = [tested_length(k) for k in self.metrics]
+        return max((n for n in lengths if n is not None), default=None)
 
     @property
     def acc_longest(self) -> float | None:
@@ -147,9 +153,8 @@ def metric_keys(jobs: list[Job]) -> list[str]:
     def order(key: str) -> tuple[int, int]:
         if key == "val/acc":
             return (0, 0)
-        if key.startswith("test/acc_len_"):
-            return (1, int(key.rsplit("_", 1)[1]))
-        return (2, 0)
+        length = tested_length(key)
+        return (2, 0) if length is None else (1, length)
 
     return sorted(keys, key=order)
 
@@ -204,7 +209,9 @@ class Group:
     @property
     def median_solved_step(self) -> float | None:
         steps = [
-            job.metrics["solved_step"] for job in self.solved if job.metrics.get("solved_step")
+            job.metrics["solved_step"]
+            for job in self.solved
+            if job.metrics.get("solved_step") is not None
         ]
         return statistics.median(steps) if steps else None
 

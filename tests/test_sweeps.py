@@ -62,7 +62,7 @@ def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return sweep_dir, result.stdout
 
 
-def test_small_sweep_leaves_every_jobs_metrics_and_a_summary(small_sweep: tuple[Path, str]):
+def test_joblib_sweep_leaves_every_jobs_metrics_and_a_summary(small_sweep: tuple[Path, str]):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep_dir, stdout = small_sweep
     assert "JoblibLauncher" in (sweep_dir / "multirun.yaml").read_text()
