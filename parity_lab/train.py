@@ -26,7 +26,7 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     def visit(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                if not key.startswith("_"):
+                if not key.startswith("_") or key == "_target_":  # _target_ names the model
                     visit(value, f"{prefix}{key}/")
         else:
             flat[prefix[:-1]] = str(node) if isinstance(node, list) or node is None else node
@@ -107,8 +107,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
 
+    # final/: the HParams tab's metrics, logged once at the last step, apart from the curves.
     logger.log_hyperparams(
-        hyperparameters(cfg), metrics={k: float(v) for k, v in metrics.items() if v is not None}
+        hyperparameters(cfg),
+        metrics={f"final/{k}": float(v) for k, v in metrics.items() if v is not None},
+        step=trainer.global_step,
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(summary(cfg, metrics, run_dir))
