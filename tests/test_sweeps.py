@@ -19,9 +19,8 @@ from omegaconf import OmegaConf
 
 from parity_lab.config import validate
 from parity_lab.report import expand_sweep, write_report
+from tests.conftest import CONF, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 # Each job trains 20 steps (validating at 10 and 20, so val/acc has a curve) on tiny eval sets.
 TINY = [
     "trainer.max_steps=20",
