@@ -244,7 +244,7 @@ def run_breakdown(overrides: list[str]) -> dict[str, Any]:
     timer = EvaluationTimer()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        metrics = train(cfg, run_dir=Path(tmp), callbacks=[timer])
+        metrics = train(cfg, run_dir=Path(tmp), extra_callbacks=[timer])
         run_s = time.perf_counter() - start
 
     data = cfg.data

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +17,27 @@ SUPERVISIONS = ("final", "every_step")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
+def resumable_run(run_dir: str) -> Path:
+    """The run directory ``resume=`` names, if it holds an unfinished run; else ``ConfigError``."""
+    path = Path(run_dir)
+    if not (path / ".hydra" / "config.yaml").is_file():
+        raise ConfigError(
+            f"resume={run_dir!r} is invalid: expected a run directory holding .hydra/config.yaml"
+        )
+    if (path / "metrics.json").is_file():
+        raise ConfigError(
+            f"resume={run_dir!r} is invalid: that run already finished (it has metrics.json)"
+        )
+    return path
+
+
+def resume_config(run_dir: str) -> DictConfig:
+    """The config an unfinished run was started with, set to resume it in its own directory."""
+    cfg = OmegaConf.load(resumable_run(run_dir) / ".hydra" / "config.yaml")
+    cfg.resume = run_dir
+    return cfg
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -54,8 +77,15 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "data.supervision", SUPERVISIONS)
     _choice(cfg, "data.encoding", ENCODING_SIZES)
     lr = _value(cfg, "optimizer.lr")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
-        raise ConfigError(f"optimizer.lr={lr!r} is invalid: expected a number > 0")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+        raise ConfigError(f"optimizer.lr={lr!r} is invalid: expected a finite number > 0")
+    clip = _value(cfg, "trainer.gradient_clip_val")
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf
+    ):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip!r} is invalid: expected a finite number > 0 or null"
+        )
     lengths = _value(cfg, "eval.lengths")
     if not OmegaConf.is_list(lengths) or not all(
         isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths
@@ -63,4 +93,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.lengths={lengths} is invalid: expected a list of integers >= 1")
     _int(cfg, "eval.num_val", 1)
     _int(cfg, "eval.num_test", 1)
+    stop = _value(cfg, "eval.stop_when_solved")
+    if not isinstance(stop, bool):
+        raise ConfigError(f"eval.stop_when_solved={stop!r} is invalid: expected true or false")
     _int(cfg, "num_threads", 1)
+    if cfg.resume is not None:
+        resumable_run(str(cfg.resume))

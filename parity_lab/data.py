@@ -46,8 +46,9 @@ def encode(bits: torch.Tensor, lengths: torch.Tensor, encoding: str) -> torch.Te
 
 def make_batch(bits: torch.Tensor, lengths: torch.Tensor, encoding: str) -> ParityBatch:
     """Pack raw bits (zero-padded past each length) into a batch with running-parity targets."""
-    running = torch.cumsum(bits, dim=1).remainder_(2).float()
-    return ParityBatch(encode(bits, lengths, encoding), lengths, running)
+    valid = torch.arange(bits.shape[1]) < lengths[:, None]
+    running = torch.cumsum(bits, dim=1).remainder_(2) * valid
+    return ParityBatch(encode(bits, lengths, encoding), lengths, running.float())
 
 
 def sample_bits(

@@ -19,6 +19,10 @@ def metric_name(stage: str, eval_name: str) -> str:
     return "val/acc" if eval_name == "val" else f"{stage}/acc_{eval_name}"
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run stops before the weights take that step."""
+
+
 class ParityModule(L.LightningModule):
     def __init__(
         self,
@@ -52,7 +56,13 @@ class ParityModule(L.LightningModule):
             loss = self.loss(logits[valid], batch.targets[valid])
         else:
             loss = self.loss(final, parity)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step}: lower optimizer.lr "
+                "or set trainer.gradient_clip_val; the checkpoint and logs written so far are kept"
+            )
+        trainer = self._trainer  # None when called outside a Trainer
+        if trainer is None or (self.global_step + 1) % trainer.log_every_n_steps == 0:
             # Only on the steps the logger writes: each self.log costs ~0.5 ms, a third of a step.
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/acc", ((final > 0).float() == parity).float().mean(), prog_bar=True)

@@ -1,0 +1,38 @@
+"""Shared fixtures: compose the real config from conf/, shrunk so a run takes seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
+
+# Tiny models run fastest on one thread, and on a 2-core machine more threads oversubscribe.
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small evaluation sets and a short budget: enough to exercise every path quickly.
+FAST = [
+    "eval.num_val=64",
+    "eval.num_test=64",
+    "eval.lengths=[30]",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def make_config() -> Callable[..., DictConfig]:
+    """``make_config(*overrides)``: the real composed config, shrunk for speed."""
+    return lambda *overrides: compose_config(*FAST, *overrides)

@@ -1,0 +1,94 @@
+"""End to end: smoke runs of every model and loss, a real learning run, and a multirun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from parity_lab.train import train
+from tests.conftest import CONF, FAST, ROOT
+
+MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    tags: set[str] = set()
+    for events in run_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("loss", ["builtin", "manual"])
+def test_fast_dev_run(model: str, loss: str, make_config, tmp_path: Path) -> None:
+    cfg = make_config(f"model={model}", f"loss={loss}", "+trainer.fast_dev_run=true")
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["global_step"] == 1
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and 0.0 <= metrics["test/acc_len_30"] <= 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+
+
+def test_every_step_pair_encoding_fixed_set_runs(make_config, tmp_path: Path) -> None:
+    cfg = make_config(
+        "data=fixed",
+        "data.max_len=6",
+        "data.num_train=40",
+        "data.batch_size=16",
+        "data.supervision=every_step",
+        "data.encoding=pair",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+        "eval.stop_when_solved=false",
+    )
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["global_step"] == 6  # 2 epochs of ceil(40 / 16) batches
+
+
+def test_small_lstm_learns_parity_of_short_strings(make_config, tmp_path: Path) -> None:
+    """A real learning run: 100% on held-out strings of lengths 1..8 and beyond."""
+    cfg = make_config(
+        "data.max_len=8",
+        "model.hidden_size=8",
+        "eval.lengths=[8,16]",
+        "eval.num_val=256",
+        "eval.num_test=256",
+        "trainer.max_steps=600",
+        "seed=1",
+    )
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["solved"], metrics
+    assert metrics["val/acc"] == 1.0 and metrics["test/acc_len_16"] == 1.0
+    assert metrics["solved_step"] is not None and metrics["solved_step"] <= 600
+    assert metrics["global_step"] == metrics["solved_step"]  # stop_when_solved
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert {"train/loss", "train/acc", "val/acc", "val/acc_len_16"} <= scalar_tags(tmp_path)
+
+
+def test_multirun_leaves_one_run_dir_per_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "parity_lab",
+        "-m",
+        "model=rnn,gru",
+        "trainer.max_steps=20",
+        *FAST,
+        f"hydra.sweep.dir={sweep}",
+    ]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
+    assert [job.name[:2] for job in jobs] == ["0_", "1_"]  # job number, then the overrides
+    assert "model=rnn" in jobs[0].name.split(",") and "model=gru" in jobs[1].name.split(",")
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["global_step"] == 20
+        assert {"train/loss", "val/acc"} <= scalar_tags(job)
+        assert (job / ".hydra" / "config.yaml").is_file()
