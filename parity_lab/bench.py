@@ -259,7 +259,7 @@ def run_breakdown(overrides: list[str]) -> dict[str, Any]:
         eval_set(cfg.seed, f"len_{n}", cfg.eval.num_test, n, n, data.encoding)
     data_s = time.perf_counter() - start
     return {
-        "command": " ".join(["train(compose(", *overrides, "))"]),
+        "command": f"train(compose({', '.join(map(repr, overrides))}))",
         "global_step": metrics["global_step"],
         "run_s": round(run_s, 3),
         "data_s": round(data_s, 3),
