@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab import ENCODING_SIZES
-from parity_lab.models.classifier import READOUTS
+from parity_lab.models.classifier import COMPILE_MODES, READOUTS
 
 SUPERVISIONS = ("final", "every_step")
 
@@ -65,6 +65,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "model.hidden_size", 1)
     _int(cfg, "model.num_layers", 1)
     _choice(cfg, "model.readout", READOUTS)
+    _choice(cfg, "model.compile", COMPILE_MODES)
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
     if cfg.data.min_len > cfg.data.max_len:

@@ -110,3 +110,12 @@ def test_chunked_evaluation_equals_one_pass() -> None:
         logits = model(bits.float().unsqueeze(-1), torch.full((64,), 50))[:, -1]
     expected = ((logits > 0).long() == bits.sum(1) % 2).float().mean().item()
     assert accuracy_at_length(model, 50, 64, seed=3, chunk_len=7) == expected
+
+
+def test_unknown_compile_mode_is_a_config_error() -> None:
+    from parity_lab.config import ConfigError, validate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["model.compile=fastest"])
+    with pytest.raises(ConfigError, match="model.compile='fastest'"):
+        validate(cfg)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 READOUTS = ("last", "padded_end")
+# model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ParityRNN(nn.Module):
