@@ -3,6 +3,7 @@
 from omegaconf import OmegaConf
 
 ENCODING_SIZES = {"bit": 1, "pair": 2}  # data.encoding -> network input size
+SCHEDULES = ("none", "linear", "warmup")  # data.curriculum.schedule (see data.Curriculum)
 
 
 def _input_size(encoding: str) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab import ENCODING_SIZES
+from parity_lab import ENCODING_SIZES, SCHEDULES
 from parity_lab.models.classifier import COMPILE_MODES, READOUTS
 
 SUPERVISIONS = ("final", "every_step")
@@ -77,6 +77,14 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.num_train", 1, optional=True)
     _choice(cfg, "data.supervision", SUPERVISIONS)
     _choice(cfg, "data.encoding", ENCODING_SIZES)
+    _choice(cfg, "data.curriculum.schedule", SCHEDULES)
+    _int(cfg, "data.curriculum.start_len", 1)
+    _int(cfg, "data.curriculum.steps", 1)
+    if cfg.data.curriculum.schedule != "none" and cfg.data.num_train is not None:
+        raise ConfigError(
+            f"data.curriculum.schedule={cfg.data.curriculum.schedule!r} needs fresh strings: "
+            f"set data.num_train=null (it is {cfg.data.num_train})"
+        )
     lr = _value(cfg, "optimizer.lr")
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
         raise ConfigError(f"optimizer.lr={lr!r} is invalid: expected a finite number > 0")
@@ -97,6 +105,9 @@ def validate(cfg: DictConfig) -> None:
     stop = _value(cfg, "eval.stop_when_solved")
     if not isinstance(stop, bool):
         raise ConfigError(f"eval.stop_when_solved={stop!r} is invalid: expected true or false")
+    _int(cfg, "eval.curve.max_len", 1, optional=True)
+    for key in ("dense_until", "per_decade", "num_strings", "chunk_len"):
+        _int(cfg, f"eval.curve.{key}", 1)
     _int(cfg, "num_threads", 1)
     if cfg.resume is not None:
         resumable_run(str(cfg.resume))

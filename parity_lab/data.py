@@ -7,8 +7,8 @@ so a run can be resumed at any step and two runs with the same seed see the same
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -61,6 +61,30 @@ def sample_bits(
     return bits, lengths
 
 
+class Curriculum(NamedTuple):
+    """Which lengths training batch ``step`` draws (``data.curriculum``).
+
+    ``none``: ``min_len..max_len`` throughout. ``linear``: the longest length rises linearly from
+    ``start_len`` at step 0 to ``max_len`` at step ``steps``, lengths uniform in
+    ``min(min_len, top)..top`` (with ``data=fixed`` every string has the current top length).
+    ``warmup``: lengths uniform in ``1..start_len`` for the first ``steps`` steps, then
+    ``min_len..max_len``.
+    """
+
+    schedule: str = "none"
+    start_len: int = 1
+    steps: int = 1000
+
+    def bounds(self, step: int, min_len: int, max_len: int) -> tuple[int, int]:
+        if self.schedule == "linear":
+            progress = min(1.0, step / self.steps)
+            top = round(self.start_len + (max_len - self.start_len) * progress)
+            return min(min_len, top), top
+        if self.schedule == "warmup" and step < self.steps:
+            return 1, self.start_len
+        return min_len, max_len
+
+
 class ParityStream(IterableDataset):
     """Training batches indexed by global step, starting wherever the trainer is.
 
@@ -79,8 +103,10 @@ class ParityStream(IterableDataset):
         num_train: int | None,
         encoding: str,
         first_step: Callable[[], int] = lambda: 0,
+        curriculum: Curriculum | None = None,
     ) -> None:
         super().__init__()
+        self.curriculum = curriculum or Curriculum()
         self.seed, self.min_len, self.max_len = seed, min_len, max_len
         self.batch_size, self.num_train, self.encoding = batch_size, num_train, encoding
         self.first_step = first_step
@@ -97,7 +123,8 @@ class ParityStream(IterableDataset):
         """Training batch number ``step`` (a pure function of ``seed`` and ``step``)."""
         if self.num_train is None:
             g = key_generator(self.seed, "train", step)
-            bits, lengths = sample_bits(g, self.batch_size, self.min_len, self.max_len)
+            shortest, longest = self.curriculum.bounds(step, self.min_len, self.max_len)
+            bits, lengths = sample_bits(g, self.batch_size, shortest, longest)
             return make_batch(bits, lengths, self.encoding)
         if self._train_set is None:
             g = key_generator(self.seed, "train_set")
@@ -150,12 +177,14 @@ class ParityDataModule(L.LightningDataModule):
         num_val: int = 512,
         num_test: int = 256,
         eval_batch_size: int = 1024,
+        curriculum: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.min_len, self.max_len, self.batch_size = min_len, max_len, batch_size
         self.num_train, self.supervision, self.encoding = num_train, supervision, encoding
         self.seed, self.eval_lengths = seed, [int(n) for n in eval_lengths]
         self.num_val, self.num_test, self.eval_batch_size = num_val, num_test, eval_batch_size
+        self.curriculum = Curriculum(**(curriculum or {}))
         self._eval_sets: dict[str, ParityBatch] | None = None
 
     @property
@@ -191,6 +220,7 @@ class ParityDataModule(L.LightningDataModule):
             self.num_train,
             self.encoding,
             first_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+            curriculum=self.curriculum,
         )
         return DataLoader(stream, batch_size=None)
 

@@ -6,6 +6,8 @@ evaluate on a laptop; time grows linearly with length.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from parity_lab.data import encode, key_generator
@@ -39,3 +41,55 @@ def accuracy_at_length(
         outputs, state = model.rnn(encode(bits, full, encoding).to(device), state)
     predictions = (model.head(outputs[:, -1]).squeeze(-1) > 0).long().cpu()
     return (predictions == parity).float().mean().item()
+
+
+def curve_lengths(max_len: int, dense_until: int, per_decade: int) -> list[int]:
+    """Every length ``1..dense_until``, then about ``per_decade`` log-spaced lengths per factor
+    of ten, up to and including ``max_len``."""
+    dense = list(range(1, min(dense_until, max_len) + 1))
+    if max_len <= dense_until:
+        return dense
+    decades = math.log10(max_len / dense_until)
+    points = torch.logspace(
+        math.log10(dense_until), math.log10(max_len), max(2, round(decades * per_decade) + 1)
+    )
+    sparse = sorted({int(round(p)) for p in points.tolist()} - set(dense))
+    return dense + [n for n in sparse if n <= max_len]
+
+
+@torch.no_grad()
+def accuracy_by_length(
+    model: ParityRNN,
+    lengths: list[int],
+    num_strings: int,
+    seed: int,
+    encoding: str = "bit",
+    chunk_len: int = 4096,
+) -> dict[int, float]:
+    """Accuracy at every length in ``lengths``, from one pass over ``num_strings`` streams.
+
+    The prediction after ``n`` bits of a random stream is the prediction for a random string of
+    ``n`` bits, so one stream of ``max(lengths)`` bits, read in chunks with the state carried
+    across, scores every length at once (the strings of different lengths share prefixes). The
+    streams are fixed by ``(seed, "curve")``.
+    """
+    device = next(model.parameters()).device
+    generator = key_generator(seed, "curve")
+    wanted = torch.tensor(sorted(set(lengths)), dtype=torch.int64)
+    total = int(wanted[-1])
+    parity = torch.zeros(num_strings, 1, dtype=torch.int64)
+    full = torch.full((num_strings,), chunk_len)
+    correct: dict[int, float] = {}
+    state = None
+    for start in range(0, total, chunk_len):
+        bits = torch.randint(
+            0, 2, (num_strings, min(chunk_len, total - start)), generator=generator
+        )
+        running = (torch.cumsum(bits, dim=1) + parity).remainder_(2)
+        parity = running[:, -1:]
+        logits, state = model.run(encode(bits, full, encoding).to(device), state)
+        here = wanted[(wanted > start) & (wanted <= start + bits.shape[1])]
+        predictions = (logits[:, here - 1 - start] > 0).long().cpu()
+        accuracy = (predictions == running[:, here - 1 - start]).float().mean(dim=0)
+        correct.update(zip(here.tolist(), accuracy.tolist(), strict=True))
+    return {n: correct[n] for n in lengths}

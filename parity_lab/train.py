@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
 from parity_lab.config import validate
+from parity_lab.curve import length_curve
 from parity_lab.module import ParityModule
 
 
@@ -40,8 +41,13 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
     accuracies = "  ".join(
         f"{'val' if name == 'val/acc' else 'len ' + name.rsplit('_', 1)[1]}: {value:.3f}"
         for name, value in metrics.items()
-        if name.startswith(("val/acc", "test/acc"))
+        if name == "val/acc" or name.startswith("test/acc_len_")
     )
+    if "test/exact_until" in metrics:
+        accuracies += (
+            f"\n  lengths   exact up to {metrics['test/exact_until']} bits, mean accuracy beyond "
+            f"training {metrics.get('test/acc_unseen', float('nan')):.3f} (length_curve.png)"
+        )
     solved = (
         f"solved at step {metrics['solved_step']}"
         if metrics["solved_step"] is not None
@@ -113,11 +119,15 @@ def train(
     metrics["solved_step"] = solved.solved_step
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
+    if cfg.eval.curve.max_len is not None:
+        metrics.update(
+            length_curve(module.model, cfg, run_dir, logger.experiment, metrics["global_step"])
+        )
 
     # final/: the HParams tab's metrics, logged once at the last step, apart from the curves.
     logger.log_hyperparams(
         hyperparameters(cfg),
-        metrics={f"final/{k}": float(v) for k, v in metrics.items() if v is not None},
+        metrics={f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)},
         step=trainer.global_step,
     )
     logger.finalize("success")  # flush and close the event file before returning

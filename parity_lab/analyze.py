@@ -1,0 +1,427 @@
+"""``python -m parity_lab.analyze RUN_DIR``: the automaton a trained network implements.
+
+Runs the model on random strings and records its full recurrent state after every bit (for an
+LSTM both ``h`` and ``c``); clusters the states with k-means; reads off the transitions on 0 and 1
+by majority vote and each cluster's output by the network's majority prediction; and minimises
+that automaton (Moore partition refinement). ``k`` grows from 1 until the minimal automaton
+predicts what the network predicts at 99% of positions (the fidelity criterion of automaton
+extraction). Reports whether it is the 2-state parity automaton. Writes
+``analysis/automaton.json`` and ``analysis/trajectories.png`` (states projected on their first
+two principal components) into the run directory, and the figure to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
+from parity_lab.data import encode, key_generator
+from parity_lab.models import ParityRNN
+
+START = -1  # the automaton's start state: the zero state before any bit
+RUNS = [8, 16, 24, 32, 48, 64, 128, 1024]  # runs of zeros after which parity loss is probed
+
+
+@dataclass
+class Automaton:
+    """A Moore machine over bits: ``transitions[s] = (next on 0, next on 1)``, ``outputs[s]`` the
+    predicted parity in state ``s`` (the start state's output is never read: no empty strings)."""
+
+    start: int
+    transitions: dict[int, tuple[int, int]]
+    outputs: dict[int, int]
+
+    @property
+    def num_states(self) -> int:
+        return len(self.transitions)
+
+    def is_parity(self) -> bool:
+        """Whether it outputs the parity of every non-empty string (a search over the reachable
+        pairs of (state, true parity))."""
+        seen, frontier = set(), [(self.start, 0)]
+        while frontier:
+            state, parity = frontier.pop()
+            for bit in (0, 1):
+                pair = (self.transitions[state][bit], parity ^ bit)
+                if self.outputs[pair[0]] != pair[1]:
+                    return False
+                if pair not in seen:
+                    seen.add(pair)
+                    frontier.append(pair)
+        return True
+
+
+@dataclass
+class Analysis:
+    automaton: Automaton
+    clusters: int  # k chosen for k-means, before minimisation
+    transition_consistency: float  # share of observed transitions that follow the majority
+    output_purity: float  # share of states whose prediction is their cluster's output
+    agreement: float  # share of positions where the automaton predicts what the network does
+
+
+def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
+    """The trained model of a run, from ``.hydra/config.yaml`` and ``checkpoints/last.ckpt``."""
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    model: ParityRNN = instantiate(cfg.model)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    prefix = "model."
+    model.load_state_dict(
+        {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    )
+    return model.eval(), cfg
+
+
+def state_vector(state: Any) -> torch.Tensor:
+    """A recurrent state in torch's format (a tensor, or ``(h, c)``) as ``(batch, features)``."""
+    parts = state if isinstance(state, tuple) else (state,)
+    return torch.cat([p.permute(1, 0, 2).flatten(1) for p in parts], dim=1)
+
+
+@torch.no_grad()
+def collect_states(
+    model: ParityRNN, bits: torch.Tensor, encoding: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """States ``(batch, time, features)`` and logits ``(batch, time)`` after each bit."""
+    full = torch.full((bits.shape[0],), 1)
+    states, logits, state = [], [], None
+    for t in range(bits.shape[1]):
+        logit, state = model.run(encode(bits[:, t : t + 1], full, encoding), state)
+        states.append(state_vector(state))
+        logits.append(logit[:, 0])
+    return torch.stack(states, dim=1), torch.stack(logits, dim=1)
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 50) -> torch.Tensor:
+    """Cluster labels by Lloyd's algorithm from a k-means++ start (deterministic given seed)."""
+    generator = key_generator(seed, "kmeans", k)
+    centres = points[torch.randint(len(points), (1,), generator=generator)]
+    while len(centres) < k:
+        distance = torch.cdist(points, centres).min(dim=1).values.square()
+        if distance.sum() == 0:
+            break
+        pick = torch.multinomial(distance / distance.sum(), 1, generator=generator)
+        centres = torch.cat([centres, points[pick]])
+    for _ in range(iterations):
+        labels = torch.cdist(points, centres).argmin(dim=1)
+        updated = torch.stack(
+            [
+                points[labels == c].mean(dim=0) if (labels == c).any() else centres[c]
+                for c in range(len(centres))
+            ]
+        )
+        if torch.equal(updated, centres):
+            break
+        centres = updated
+    return torch.cdist(points, centres).argmin(dim=1)
+
+
+def quantised_automaton(
+    labels: torch.Tensor, bits: torch.Tensor, predictions: torch.Tensor
+) -> tuple[Automaton, float, float]:
+    """Majority transitions and outputs of clustered states ``labels (batch, time)``; returns the
+    automaton, its transition consistency and its output purity."""
+    previous = torch.cat([torch.full_like(labels[:, :1], START), labels[:, :-1]], dim=1)
+    counts: dict[tuple[int, int], Counter] = {}
+    for source, bit, target in zip(
+        previous.flatten().tolist(), bits.flatten().tolist(), labels.flatten().tolist(), strict=True
+    ):
+        counts.setdefault((source, bit), Counter())[target] += 1
+    states = sorted(set(labels.flatten().tolist()))
+    sink = max(states) + 1  # stands for transitions never observed
+    transitions, agree, total = {}, 0, 0
+    for state in [START, *states]:
+        row = []
+        for bit in (0, 1):
+            seen = counts.get((state, bit), Counter())
+            target, votes = seen.most_common(1)[0] if seen else (sink, 0)
+            row.append(target)
+            agree, total = agree + votes, total + sum(seen.values())
+        transitions[state] = (row[0], row[1])
+    outputs, pure = {START: 0}, 0
+    for state in states:
+        votes = Counter(predictions[labels == state].tolist())
+        outputs[state], count = votes.most_common(1)[0]
+        pure += count
+    if any(sink in row for row in transitions.values()):
+        transitions[sink], outputs[sink] = (sink, sink), -1
+    return Automaton(START, transitions, outputs), agree / total, pure / labels.numel()
+
+
+def minimise(automaton: Automaton) -> Automaton:
+    """The equivalent automaton with the fewest states on non-empty strings: Moore refinement of
+    the reachable states, the start state merged into any state with the same successors."""
+    reachable, frontier = {automaton.start}, [automaton.start]
+    while frontier:
+        for target in automaton.transitions[frontier.pop()]:
+            if target not in reachable:
+                reachable.add(target)
+                frontier.append(target)
+    inner = sorted(s for s in reachable if s != automaton.start)
+    block = {s: automaton.outputs[s] for s in inner}
+    while True:
+        signature = {s: (block[s], *(block[t] for t in automaton.transitions[s])) for s in inner}
+        names = {sig: i for i, sig in enumerate(sorted(set(signature.values())))}
+        refined = {s: names[signature[s]] for s in inner}
+        if len(set(refined.values())) == len(set(block.values())):
+            break
+        block = refined
+    block = refined
+    transitions = {block[s]: tuple(block[t] for t in automaton.transitions[s]) for s in inner}
+    outputs = {block[s]: automaton.outputs[s] for s in inner}
+    start_successors = tuple(block[t] for t in automaton.transitions[automaton.start])
+    same = [s for s, successors in transitions.items() if successors == start_successors]
+    if same:
+        return Automaton(same[0], transitions, outputs)
+    start = len(transitions)
+    transitions[start], outputs[start] = start_successors, 0
+    return Automaton(start, transitions, outputs)
+
+
+def run_automaton(automaton: Automaton, bits: torch.Tensor) -> torch.Tensor:
+    """The automaton's output after every bit, ``(batch, time)``."""
+    outputs = torch.empty_like(bits)
+    for row, string in enumerate(bits.tolist()):
+        state = automaton.start
+        for t, bit in enumerate(string):
+            state = automaton.transitions[state][bit]
+            outputs[row, t] = automaton.outputs[state]
+    return outputs
+
+
+def analyze(
+    model: ParityRNN,
+    encoding: str = "bit",
+    num_strings: int = 256,
+    length: int = 50,
+    max_clusters: int = 32,
+    seed: int = 0,
+    threshold: float = 0.99,
+) -> tuple[Analysis, torch.Tensor, torch.Tensor]:
+    """Extract and minimise the automaton; also return the states and bits it was read from."""
+    bits = torch.randint(0, 2, (num_strings, length), generator=key_generator(seed, "analyze"))
+    states, logits = collect_states(model, bits, encoding)
+    predictions = (logits > 0).long()
+    points = states.flatten(0, 1)
+    best: Analysis | None = None
+    for k in range(1, max_clusters + 1):
+        labels = kmeans(points, k, seed).view(num_strings, length)
+        automaton, consistency, purity = quantised_automaton(labels, bits, predictions)
+        minimal = minimise(automaton)
+        agreement = (run_automaton(minimal, bits) == predictions).float().mean().item()
+        if best is None or agreement > best.agreement:
+            best = Analysis(minimal, k, consistency, purity, agreement)
+        if agreement >= threshold:
+            break
+    return best, states, bits
+
+
+@torch.no_grad()
+def drift(
+    model: ParityRNN,
+    centres: torch.Tensor,
+    lengths: list[int],
+    encoding: str = "bit",
+    num_strings: int = 256,
+    seed: int = 0,
+    chunk_len: int = 4096,
+) -> list[dict[str, float]]:
+    """How the state of long streams moves away from the states of short strings: at each length,
+    accuracy, the smallest signed margin ``logit * (2 parity - 1)`` (negative: a wrong answer)
+    and the largest distance from a state to its nearest ``centre``."""
+    generator = key_generator(seed, "drift")
+    wanted, rows, state = sorted(lengths), [], None
+    parity = torch.zeros(num_strings, 1, dtype=torch.int64)
+    position = 0
+    for length in wanted:
+        while position < length:
+            size = min(chunk_len, length - position)
+            bits = torch.randint(0, 2, (num_strings, size), generator=generator)
+            parity = (parity + bits.sum(dim=1, keepdim=True)).remainder(2)
+            sizes = torch.full((num_strings,), size)
+            logits, state = model.run(encode(bits, sizes, encoding), state)
+            position += size
+        margin = logits[:, -1] * (2 * parity[:, 0] - 1)
+        distance = torch.cdist(state_vector(state), centres).min(dim=1).values
+        rows.append(
+            {
+                "length": length,
+                "accuracy": (margin > 0).float().mean().item(),
+                "min_margin": margin.min().item(),
+                "max_distance": distance.max().item(),
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def zero_run_limits(
+    model: ParityRNN, prefixes: torch.Tensor, encoding: str, longest: int, chunk_len: int = 4096
+) -> torch.Tensor:
+    """For each prefix ``(batch, bits)``, the first ``n`` at which ``prefix + 0^n`` is predicted
+    wrong: 0 if the prefix itself is, ``longest + 1`` if it stays right through ``longest`` zeros.
+
+    Zeros keep the parity, so an exact automaton holds it through any run of them; a trained
+    network may leak towards the other state, and random strings contain ever longer runs.
+    """
+    batch, size = prefixes.shape
+    parity = prefixes.sum(dim=1).remainder(2)
+    logits, state = model.run(encode(prefixes, torch.full((batch,), size), encoding))
+    first = torch.full((batch,), longest + 1)
+    first[(logits[:, -1] > 0).long() != parity] = 0
+    done = 0
+    while done < longest:
+        size = min(chunk_len, longest - done)
+        zeros = torch.zeros(batch, size, dtype=torch.int64)
+        logits, state = model.run(encode(zeros, torch.full((batch,), size), encoding), state)
+        wrong = (logits > 0).long() != parity[:, None]
+        fresh = wrong.any(dim=1) & (first == longest + 1)
+        first[fresh] = wrong.long().argmax(dim=1)[fresh] + done + 1
+        done += size
+    return first
+
+
+@torch.no_grad()
+def lost_after_zeros(
+    model: ParityRNN, prefixes: torch.Tensor, encoding: str, runs: list[int]
+) -> dict[int, float]:
+    """Share of prefixes for which ``prefix + 0^z + 1`` is predicted wrong, for each run ``z``.
+
+    A network whose output merely sags inside a long run of zeros recovers at the next 1; one
+    whose state has crossed to the other parity stays wrong from then on.
+    """
+    batch, size = prefixes.shape
+    parity = (prefixes.sum(dim=1) + 1).remainder(2)
+    lost = {}
+    for run in runs:
+        bits = torch.cat(
+            [prefixes, torch.zeros(batch, run, dtype=torch.int64), torch.ones(batch, 1).long()], 1
+        )
+        logits, _ = model.run(encode(bits, torch.full((batch,), bits.shape[1]), encoding))
+        lost[run] = ((logits[:, -1] > 0).long() != parity).float().mean().item()
+    return lost
+
+
+def plot_trajectories(states: torch.Tensor, bits: torch.Tensor, title: str, shown: int = 4) -> Any:
+    """States on their first two principal components, coloured by true parity, with the paths of
+    a few strings drawn through them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = states.flatten(0, 1)
+    mean = points.mean(dim=0)
+    basis = torch.linalg.svd(points - mean, full_matrices=False).Vh[:2]
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        flat = (x - mean) @ basis.T
+        return torch.cat([flat, torch.zeros(len(flat), 2 - flat.shape[1])], dim=1)
+
+    projected = project(points).view(*states.shape[:2], 2)
+    parity = torch.cumsum(bits, dim=1).remainder(2)
+    figure, axes = plt.subplots(figsize=(5.5, 5))
+    for value, colour in ((0, "tab:blue"), (1, "tab:red")):
+        chosen = projected[parity == value]
+        axes.scatter(
+            chosen[:, 0], chosen[:, 1], s=6, alpha=0.3, color=colour, label=f"parity {value}"
+        )
+    origin = project(torch.zeros(1, points.shape[1]))
+    for row in range(min(shown, len(bits))):
+        path = torch.cat([origin, projected[row, :12]])
+        axes.plot(path[:, 0], path[:, 1], linewidth=0.8, alpha=0.8, marker=".")
+    axes.set_xlabel("principal component 1")
+    axes.set_ylabel("principal component 2")
+    axes.set_title(title)
+    axes.legend(loc="best")
+    figure.tight_layout()
+    return figure
+
+
+def main(argv: list[str] | None = None) -> Analysis:
+    parser = argparse.ArgumentParser(prog="python -m parity_lab.analyze", description=__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--strings", type=int, default=256, help="random strings to run")
+    parser.add_argument("--length", type=int, default=None, help="bits each (default max_len)")
+    parser.add_argument("--max-clusters", type=int, default=32)
+    parser.add_argument(
+        "--drift", type=int, default=None, help="also follow streams up to this many bits"
+    )
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    model, cfg = load_run(args.run_dir)
+    length = args.length or cfg.data.max_len
+    result, states, bits = analyze(
+        model, cfg.data.encoding, args.strings, length, args.max_clusters, cfg.seed
+    )
+    out = args.run_dir / "analysis"
+    out.mkdir(exist_ok=True)
+    (out / "automaton.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    title = f"{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden {cfg.model.hidden_size}"
+    figure = plot_trajectories(states, bits, title)
+    figure.savefig(out / "trajectories.png", dpi=120)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(args.run_dir)) as writer:
+        writer.add_figure("analysis/trajectories", figure)
+    machine = result.automaton
+    print(f"{args.run_dir}: {args.strings} strings of {length} bits")
+    print(
+        f"  k-means k={result.clusters}: transition consistency "
+        f"{result.transition_consistency:.4f}, output purity {result.output_purity:.4f}"
+    )
+    print(f"  minimal automaton: {machine.num_states} states, start {machine.start}")
+    for state, (on0, on1) in sorted(machine.transitions.items()):
+        print(f"    state {state} (output {machine.outputs[state]}): 0 -> {on0}, 1 -> {on1}")
+    print(f"  agrees with the network on {result.agreement:.4f} of positions")
+    verdict = "is" if machine.num_states == 2 and machine.is_parity() else "is NOT"
+    print(f"  it {verdict} the 2-state parity automaton; written to {out}")
+    longest = 10_000
+    prefixes = torch.randint(
+        0, 2, (args.strings, length), generator=key_generator(cfg.seed, "zero_runs")
+    )
+    limits = zero_run_limits(model, prefixes, cfg.data.encoding, longest)
+    for parity, name in ((1, "odd"), (0, "even")):
+        mask = prefixes.sum(dim=1).remainder(2) == parity
+        chosen = limits[mask]
+        broken = chosen[(chosen > 0) & (chosen <= longest)]
+        summary = (
+            f"breaks {len(broken)} of {len(chosen)}: after a run of min {int(broken.min())}, "
+            f"median {int(broken.median())} zeros"
+            if len(broken)
+            else f"holds all {len(chosen)}"
+        )
+        if (chosen == 0).any():
+            summary += f" ({int((chosen == 0).sum())} wrong before any zero)"
+        print(f"  {name}-parity {length}-bit prefixes + up to {longest} zeros: {summary}")
+        lost = lost_after_zeros(model, prefixes[mask], cfg.data.encoding, RUNS)
+        shares = ", ".join(f"{run}: {share:.2f}" for run, share in lost.items())
+        print(f"    wrong after the next 1 (parity lost), by run of zeros: {shares}")
+    if args.drift:
+        points = states.flatten(0, 1)
+        labels = kmeans(points, result.clusters, cfg.seed)
+        centres = torch.stack([points[labels == c].mean(dim=0) for c in labels.unique()])
+        lengths = [n for n in (10**e for e in range(1, 8)) if n < args.drift] + [args.drift]
+        rows = drift(model, centres, lengths, cfg.data.encoding, args.strings, cfg.seed)
+        (out / "drift.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print("  streams: length, accuracy, smallest signed margin, largest distance to a centre")
+        for row in rows:
+            print(
+                f"    {row['length']:>9}  {row['accuracy']:.4f}  {row['min_margin']:+9.3f}  "
+                f"{row['max_distance']:.2e}"
+            )
+    return result
+
+
+if __name__ == "__main__":
+    main()
