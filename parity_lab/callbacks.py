@@ -1,10 +1,14 @@
-"""Training callbacks: know when every evaluated accuracy is 1.0, and optionally stop there."""
+"""Training callbacks: stop once solved, checkpoint for resuming, and a quiet progress bar."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class SolvedTracker(L.Callback):
@@ -13,6 +17,11 @@ class SolvedTracker(L.Callback):
     def __init__(self, stop_when_solved: bool) -> None:
         self.stop_when_solved = stop_when_solved
         self.solved_step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed from a checkpoint taken once it was solved ends there, as it did before.
+        if self.stop_when_solved and self.solved_step is not None:
+            trainer.should_stop = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -29,3 +38,39 @@ class SolvedTracker(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.solved_step = state_dict["solved_step"]
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``last.ckpt`` after every validation and when training ends, replacing it atomically.
+
+    Lightning's ``ModelCheckpoint(save_top_k=0, save_last=True)`` writes only when training ends,
+    so a killed run kept nothing. Saving after validation (Lightning runs checkpoint callbacks
+    last) records ``SolvedTracker``'s state for that step, and a kill mid-write leaves the previous
+    file whole.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: L.Trainer) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial, weights_only=False)
+        os.replace(partial, self.path)
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """Lightning's bar for training only: evaluation passes take milliseconds, and their bars
+    would scroll the training bar away."""
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def init_test_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)

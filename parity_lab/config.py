@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab import ENCODING_SIZES, SCHEDULES
-from parity_lab.models.classifier import READOUTS
+from parity_lab.models.classifier import COMPILE_MODES, READOUTS
 
 SUPERVISIONS = ("final", "every_step")
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
+def resumable_run(run_dir: str) -> Path:
+    """The run directory ``resume=`` names, if it holds an unfinished run; else ``ConfigError``."""
+    path = Path(run_dir)
+    if not (path / ".hydra" / "config.yaml").is_file():
+        raise ConfigError(
+            f"resume={run_dir!r} is invalid: expected a run directory holding .hydra/config.yaml"
+        )
+    if (path / "metrics.json").is_file():
+        raise ConfigError(
+            f"resume={run_dir!r} is invalid: that run already finished (it has metrics.json)"
+        )
+    return path
+
+
+def resume_config(run_dir: str) -> DictConfig:
+    """The config an unfinished run was started with, set to resume it in its own directory."""
+    cfg = OmegaConf.load(resumable_run(run_dir) / ".hydra" / "config.yaml")
+    cfg.resume = run_dir
+    return cfg
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -42,6 +65,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "model.hidden_size", 1)
     _int(cfg, "model.num_layers", 1)
     _choice(cfg, "model.readout", READOUTS)
+    _choice(cfg, "model.compile", COMPILE_MODES)
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
     if cfg.data.min_len > cfg.data.max_len:
@@ -62,8 +86,15 @@ def validate(cfg: DictConfig) -> None:
             f"set data.num_train=null (it is {cfg.data.num_train})"
         )
     lr = _value(cfg, "optimizer.lr")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
-        raise ConfigError(f"optimizer.lr={lr!r} is invalid: expected a number > 0")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+        raise ConfigError(f"optimizer.lr={lr!r} is invalid: expected a finite number > 0")
+    clip = _value(cfg, "trainer.gradient_clip_val")
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf
+    ):
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip!r} is invalid: expected a finite number > 0 or null"
+        )
     lengths = _value(cfg, "eval.lengths")
     if not OmegaConf.is_list(lengths) or not all(
         isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths
@@ -71,7 +102,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.lengths={lengths} is invalid: expected a list of integers >= 1")
     _int(cfg, "eval.num_val", 1)
     _int(cfg, "eval.num_test", 1)
+    stop = _value(cfg, "eval.stop_when_solved")
+    if not isinstance(stop, bool):
+        raise ConfigError(f"eval.stop_when_solved={stop!r} is invalid: expected true or false")
     _int(cfg, "eval.curve.max_len", 1, optional=True)
     for key in ("dense_until", "per_decade", "num_strings", "chunk_len"):
         _int(cfg, f"eval.curve.{key}", 1)
     _int(cfg, "num_threads", 1)
+    if cfg.resume is not None:
+        resumable_run(str(cfg.resume))

@@ -19,6 +19,10 @@ def metric_name(stage: str, eval_name: str) -> str:
     return "val/acc" if eval_name == "val" else f"{stage}/acc_{eval_name}"
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run stops before the weights take that step."""
+
+
 class ParityModule(L.LightningModule):
     def __init__(
         self,
@@ -31,7 +35,6 @@ class ParityModule(L.LightningModule):
         super().__init__()
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.supervision, self.eval_names = supervision, eval_names
-        self.train_acc = BinaryAccuracy()
         self.eval_acc = nn.ModuleDict(
             {
                 stage: nn.ModuleList(BinaryAccuracy() for _ in eval_names)
@@ -53,15 +56,22 @@ class ParityModule(L.LightningModule):
             loss = self.loss(logits[valid], batch.targets[valid])
         else:
             loss = self.loss(final, parity)
-        self.train_acc(torch.sigmoid(final), parity)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, prog_bar=True)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.global_step}: lower optimizer.lr "
+                "or set trainer.gradient_clip_val; the checkpoint and logs written so far are kept"
+            )
+        trainer = self._trainer  # None when called outside a Trainer
+        if trainer is None or (self.global_step + 1) % trainer.log_every_n_steps == 0:
+            # Only on the steps the logger writes: each self.log costs ~0.5 ms, a third of a step.
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/acc", ((final > 0).float() == parity).float().mean(), prog_bar=True)
         return loss
 
     def _evaluate(self, stage: str, batch: ParityBatch, dataloader_idx: int) -> None:
         _, final, parity = self.predict_final(batch)
         metric = self.eval_acc[stage][dataloader_idx]
-        metric(torch.sigmoid(final), parity)
+        metric.update(torch.sigmoid(final), parity)  # forward() would also compute per batch
         name = metric_name(stage, self.eval_names[dataloader_idx])
         self.log(name, metric, add_dataloader_idx=False, prog_bar=name == "val/acc")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,10 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab.callbacks import SolvedTracker
+from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
 from parity_lab.config import validate
 from parity_lab.curve import length_curve
 from parity_lab.module import ParityModule
@@ -28,7 +28,7 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     def visit(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
-                if not key.startswith("_"):
+                if not key.startswith("_") or key == "_target_":  # _target_ names the model
                     visit(value, f"{prefix}{key}/")
         else:
             flat[prefix[:-1]] = str(node) if isinstance(node, list) or node is None else node
@@ -63,9 +63,17 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
     )
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Train one model as ``cfg`` says, write ``metrics.json`` in ``run_dir`` and return it."""
+def train(
+    cfg: DictConfig, run_dir: Path | None = None, extra_callbacks: Sequence[L.Callback] = ()
+) -> dict[str, Any]:
+    """Train one model as ``cfg`` says, write ``metrics.json`` in ``run_dir`` and return it.
+
+    With ``cfg.resume`` set, the run continues in that directory from its last checkpoint.
+    ``extra_callbacks`` join the run's own (benchmarks use them to time its phases).
+    """
     validate(cfg)
+    if cfg.resume is not None:
+        run_dir = Path(cfg.resume)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, verbose=False)
@@ -86,13 +94,22 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     )
     logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
     solved = SolvedTracker(cfg.eval.stop_when_solved)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
+    callbacks: list[L.Callback] = [solved, checkpoint]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TrainingProgressBar(refresh_rate=25))  # redrawing costs time per step
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=[solved, checkpoint], default_root_dir=run_dir
+        cfg.trainer,
+        logger=logger,
+        callbacks=[*callbacks, *extra_callbacks],
+        default_root_dir=run_dir,
     )
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    resume_from = checkpoint.path if cfg.resume is not None and checkpoint.path.is_file() else None
+    if cfg.resume is not None:
+        print(f"resuming {run_dir} from {resume_from or 'step 0: it has no checkpoint yet'}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     train_seconds = time.perf_counter() - start
 
     metrics: dict[str, Any] = {}
@@ -107,10 +124,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
             length_curve(module.model, cfg, run_dir, logger.experiment, metrics["global_step"])
         )
 
+    # final/: the HParams tab's metrics, logged once at the last step, apart from the curves.
     logger.log_hyperparams(
         hyperparameters(cfg),
-        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        metrics={f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        step=trainer.global_step,
     )
+    logger.finalize("success")  # flush and close the event file before returning
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(summary(cfg, metrics, run_dir))
     return metrics

@@ -6,10 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
+
+# Tiny models run fastest on one thread, and on a 2-core machine more threads oversubscribe.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 READOUTS = ("last", "padded_end")
+# model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ParityRNN(nn.Module):
@@ -20,6 +22,10 @@ class ParityRNN(nn.Module):
 
     ``readout`` picks where a string's prediction is read: ``last`` (its true last bit, position
     ``lengths - 1``) or ``padded_end`` (the last padded position: the classic padding bug).
+
+    ``compile`` (a ``torch.compile`` mode, or None for eager) compiles the training forward, whose
+    shapes are static (every batch is padded to ``data.max_len``): ``reduce-overhead`` replays it
+    as CUDA graphs on a GPU. Evaluation, with its many lengths, stays eager.
     """
 
     def __init__(
@@ -29,6 +35,7 @@ class ParityRNN(nn.Module):
         hidden_size: int,
         num_layers: int = 1,
         readout: str = "last",
+        compile: str | None = None,
     ) -> None:
         super().__init__()
         if readout not in READOUTS:
@@ -36,6 +43,10 @@ class ParityRNN(nn.Module):
         self.readout = readout
         self.rnn = rnn(input_size, hidden_size, num_layers, batch_first=True)
         self.head = nn.Linear(hidden_size, 1)
+        self.compile_mode = compile
+        self._compiled_run = (
+            torch.compile(self.run, mode=compile, dynamic=False) if compile else None
+        )
 
     def run(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits for a chunk of time steps, starting from (and returning) the recurrent state."""
@@ -44,6 +55,8 @@ class ParityRNN(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # Causal: position t sees only inputs up to t, so padding never reaches a valid position.
+        if self.training and self._compiled_run is not None:
+            return self._compiled_run(x)[0]
         return self.run(x)[0]
 
     def final_logits(self, logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

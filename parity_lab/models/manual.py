@@ -2,9 +2,13 @@
 
 Each class names and shapes its parameters exactly as torch does (``weight_ih_l0``, ...), follows
 torch's gate order and equations, and returns ``(outputs, state)`` in torch's format, so equal
-weights give equal logits. A cell is one ``step``; ``ManualRecurrent.forward`` unrolls any cell
-over time and layers. The input projection of a whole sequence is one matmul, hoisted out of the
-time loop; only the recurrent matmul runs per step.
+weights give equal logits. A cell is one ``step`` (its equations) and one ``step_backward`` (their
+derivative, written by hand); ``ManualRecurrent.forward`` unrolls any cell over time and layers.
+
+Speed: the input projection of a whole sequence is one matmul, hoisted out of the time loop; when
+gradients are needed the loop runs inside ``BackpropThroughTime``, an autograd Function whose
+backward is the hand-written loop over ``step_backward``. Tiny recurrent models are dominated by
+per-operation overhead, and this replaces ~40 autograd nodes per time step by none.
 """
 
 from __future__ import annotations
@@ -15,13 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
-Weights = tuple[torch.Tensor, torch.Tensor]  # (weight_hh, bias_hh) of one layer
+# Derivatives through an activation, from its output, each one fused kernel:
+# sigmoid_grad(grad, s) = grad * s * (1 - s), tanh_grad(grad, t) = grad * (1 - t * t).
+sigmoid_grad = torch.ops.aten.sigmoid_backward
+tanh_grad = torch.ops.aten.tanh_backward
+
+State = tuple[torch.Tensor, ...]  # one layer's recurrent state: (h,) or, for the LSTM, (h, c)
+Saved = tuple[torch.Tensor, ...]  # what one step records for its backward
 
 
 class ManualRecurrent(nn.Module):
     """Unrolls ``step`` over time and layers; subclasses define the cell."""
 
     num_gates: int  # rows of weight_ih / weight_hh, in units of hidden_size
+    state_size: int = 1  # tensors in one layer's state: 1 (h) or 2 (h, c)
 
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int = 1, batch_first: bool = True
@@ -53,36 +64,122 @@ class ManualRecurrent(nn.Module):
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         )
 
-    def zero_state(self, batch: int, like: torch.Tensor) -> Any:
-        return like.new_zeros(batch, self.hidden_size)
+    def step(
+        self,
+        x_proj: torch.Tensor,
+        state: State,
+        weight_hh: torch.Tensor,
+        bias_hh: torch.Tensor,
+        saved: list[Saved] | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        """One time step: projected input ``W_ih x + b_ih`` and state -> (output h, new state).
 
-    def step(self, x_proj: torch.Tensor, state: Any, weights: Weights) -> tuple[torch.Tensor, Any]:
-        """One time step: projected input ``W_ih x + b_ih`` and state -> (output h, new state)."""
+        Appends to ``saved`` (when given) what ``step_backward`` needs.
+        """
         raise NotImplementedError
 
-    def split_state(self, state: Any) -> list[Any]:
-        """torch's stacked state (num_layers, batch, hidden) -> one state per layer."""
-        return list(state.unbind(0))
-
-    def stack_state(self, states: list[Any]) -> Any:
-        return torch.stack(states)
+    def step_backward(
+        self,
+        grad_h: torch.Tensor,
+        grad_state: State,
+        saved: Saved,
+        weight_hh: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """Gradient of one ``step``, given the gradient of its output h and of its new state's
+        other tensors (the LSTM's c): (d x_proj, d (W_hh h + b_hh), d previous state)."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        batch, time, _ = x.shape
+        batch = x.shape[0]
         if state is None:
-            layer_states = [self.zero_state(batch, x) for _ in range(self.num_layers)]
-        else:
-            layer_states = self.split_state(state)
+            zeros = x.new_zeros(self.num_layers, batch, self.hidden_size)
+            state = (zeros,) * self.state_size
+        elif self.state_size == 1:
+            state = (state,)
+        layer_states = list(zip(*(s.unbind(0) for s in state), strict=True))
+        # Under torch.compile the loop is traced as plain ops and the compiler derives the backward.
+        hand_written_backward = (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and any(p.requires_grad for p in self.parameters())
+        )
+        x = x.transpose(0, 1)  # time-major inside: each step reads and writes contiguous rows
         for layer in range(self.num_layers):
             weight_ih, weight_hh, bias_ih, bias_hh = self.layer_weights(layer)
             x_proj = torch.nn.functional.linear(x, weight_ih, bias_ih)  # all steps at once
-            layer_state, outputs = layer_states[layer], []
-            for t in range(time):
-                h, layer_state = self.step(x_proj[:, t], layer_state, (weight_hh, bias_hh))
-                outputs.append(h)
-            x = torch.stack(outputs, dim=1)
-            layer_states[layer] = layer_state
-        return x, self.stack_state(layer_states)
+            if hand_written_backward:
+                x, *layer_state = BackpropThroughTime.apply(
+                    self, x_proj, weight_hh, bias_hh, *layer_states[layer]
+                )
+            else:
+                x, layer_state = self.unroll(x_proj, tuple(layer_states[layer]), weight_hh, bias_hh)
+            layer_states[layer] = tuple(layer_state)
+        stacked = tuple(torch.stack(s) for s in zip(*layer_states, strict=True))
+        return x.transpose(0, 1), stacked[0] if self.state_size == 1 else stacked
+
+    def unroll(
+        self,
+        x_proj: torch.Tensor,
+        state: State,
+        weight_hh: torch.Tensor,
+        bias_hh: torch.Tensor,
+        saved: list[Saved] | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        """Run ``step`` over every time step of one layer (time-major): outputs, final state."""
+        outputs = []
+        for x_t in x_proj.unbind(0):
+            h, state = self.step(x_t, state, weight_hh, bias_hh, saved)
+            outputs.append(h)
+        return torch.stack(outputs), state
+
+
+class BackpropThroughTime(torch.autograd.Function):
+    """One layer unrolled over time, with the hand-written backward of its cell.
+
+    ``apply(cell, x_proj, weight_hh, bias_hh, *state) -> (outputs, *final_state)``, time-major.
+    The forward loop records each step's intermediates; the backward walks the steps in reverse
+    through ``cell.step_backward`` and forms the weight gradients with one matmul over all steps.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        cell: ManualRecurrent,
+        x_proj: torch.Tensor,
+        weight_hh: torch.Tensor,
+        bias_hh: torch.Tensor,
+        *state: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        saved: list[Saved] = []
+        outputs, final_state = cell.unroll(x_proj, state, weight_hh, bias_hh, saved)
+        # Per-step intermediates live on ctx: neither inputs nor outputs, and one SavedVariable
+        # each would cost more than the step's own arithmetic.
+        ctx.cell, ctx.steps = cell, saved
+        ctx.save_for_backward(weight_hh, outputs, state[0])
+        return (outputs, *final_state)
+
+    @staticmethod
+    def backward(ctx: Any, grad_outputs: torch.Tensor | None, *grad_final: torch.Tensor | None):
+        cell: ManualRecurrent = ctx.cell
+        weight_hh, outputs, h0 = ctx.saved_tensors
+        # gradient reaching the state after the last step
+        grad_state = tuple(torch.zeros_like(h0) if g is None else g for g in grad_final)
+        grad_x_proj, grad_hh = [], []
+        for t in reversed(range(outputs.shape[0])):
+            grad_h = grad_state[0] if grad_outputs is None else grad_state[0] + grad_outputs[t]
+            grad_x, grad_pre_hh, grad_state = cell.step_backward(
+                grad_h, grad_state[1:], ctx.steps[t], weight_hh
+            )
+            grad_x_proj.append(grad_x)
+            grad_hh.append(grad_pre_hh)
+        grad_x_all = torch.stack(grad_x_proj[::-1])
+        # (W_hh h + b_hh) is the input projection itself for the RNN and LSTM, not for the GRU
+        grad_hh_all = grad_x_all if grad_hh[0] is grad_x_proj[0] else torch.stack(grad_hh[::-1])
+        grad_hh_all = grad_hh_all.flatten(0, 1)  # (time * batch, gates)
+        h_prev = torch.cat([h0.unsqueeze(0), outputs[:-1]]).flatten(0, 1)
+        grad_weight_hh = grad_hh_all.t().mm(h_prev)
+        grad_bias_hh = grad_hh_all.sum(0)
+        return (None, grad_x_all, grad_weight_hh, grad_bias_hh, *grad_state)
 
 
 class ManualRNN(ManualRecurrent):
@@ -90,37 +187,47 @@ class ManualRNN(ManualRecurrent):
 
     num_gates = 1
 
-    def step(self, x_proj, state, weights):
-        weight_hh, bias_hh = weights
-        h = torch.tanh(x_proj + torch.addmm(bias_hh, state, weight_hh.t()))
-        return h, h
+    def step(self, x_proj, state, weight_hh, bias_hh, saved=None):
+        (h,) = state
+        h = torch.tanh(x_proj + torch.addmm(bias_hh, h, weight_hh.t()))
+        if saved is not None:
+            saved.append((h,))
+        return h, (h,)
+
+    def step_backward(self, grad_h, grad_state, saved, weight_hh):
+        (h,) = saved
+        grad_pre = tanh_grad(grad_h, h)
+        return grad_pre, grad_pre, (grad_pre.mm(weight_hh),)
 
 
 class ManualLSTM(ManualRecurrent):
     """LSTM with torch's gate order (input, forget, cell, output)."""
 
     num_gates = 4
+    state_size = 2
 
-    def zero_state(self, batch, like):
-        zeros = like.new_zeros(batch, self.hidden_size)
-        return zeros, zeros
-
-    def step(self, x_proj, state, weights):
-        weight_hh, bias_hh = weights
-        h, c = state
+    def step(self, x_proj, state, weight_hh, bias_hh, saved=None):
+        h, c_prev = state
         gates = x_proj + torch.addmm(bias_hh, h, weight_hh.t())
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        sig = torch.sigmoid(gates)  # one kernel for the input, forget and output gates ...
+        i, f, _, o = sig.chunk(4, dim=1)
+        g = torch.tanh(gates[:, 2 * self.hidden_size : 3 * self.hidden_size])  # ... tanh for g
+        c = f * c_prev + i * g
+        tanh_c = torch.tanh(c)
+        h = o * tanh_c
+        if saved is not None:  # what each gate multiplies: i*g, f*c_prev, g*i, o*tanh(c)
+            saved.append((sig, g, torch.cat([g, c_prev, i, tanh_c], dim=1), f, o, tanh_c))
         return h, (h, c)
 
-    def split_state(self, state):
-        h, c = state
-        return list(zip(h.unbind(0), c.unbind(0), strict=True))
-
-    def stack_state(self, states):
-        h, c = zip(*states, strict=True)
-        return torch.stack(h), torch.stack(c)
+    def step_backward(self, grad_h, grad_state, saved, weight_hh):
+        sig, g, multiplies, f, o, tanh_c = saved
+        (grad_c,) = grad_state
+        grad_c = grad_c + tanh_grad(grad_h * o, tanh_c)
+        grad_gates = torch.cat([grad_c, grad_c, grad_c, grad_h], dim=1) * multiplies
+        grad_pre = sigmoid_grad(grad_gates, sig)
+        cell = slice(2 * self.hidden_size, 3 * self.hidden_size)
+        grad_pre[:, cell] = tanh_grad(grad_gates[:, cell], g)
+        return grad_pre, grad_pre, (grad_pre.mm(weight_hh), grad_c * f)
 
 
 class ManualGRU(ManualRecurrent):
@@ -128,12 +235,23 @@ class ManualGRU(ManualRecurrent):
 
     num_gates = 3
 
-    def step(self, x_proj, state, weights):
-        weight_hh, bias_hh = weights
-        x_r, x_z, x_n = x_proj.chunk(3, dim=1)
-        h_r, h_z, h_n = torch.addmm(bias_hh, state, weight_hh.t()).chunk(3, dim=1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
-        h = (1 - z) * n + z * state
-        return h, h
+    def step(self, x_proj, state, weight_hh, bias_hh, saved=None):
+        (h_prev,) = state
+        hidden = torch.addmm(bias_hh, h_prev, weight_hh.t())
+        rz = 2 * self.hidden_size  # reset and update gates, side by side
+        r, z = torch.sigmoid(x_proj[:, :rz] + hidden[:, :rz]).chunk(2, dim=1)
+        h_n = hidden[:, rz:]
+        n = torch.tanh(x_proj[:, rz:] + r * h_n)
+        h = (1 - z) * n + z * h_prev
+        if saved is not None:
+            saved.append((r, z, n, h_n, h_prev))
+        return h, (h,)
+
+    def step_backward(self, grad_h, grad_state, saved, weight_hh):
+        r, z, n, h_n, h_prev = saved
+        grad_pre_n = tanh_grad(grad_h * (1 - z), n)
+        grad_pre_r = sigmoid_grad(grad_pre_n * h_n, r)
+        grad_pre_z = sigmoid_grad(grad_h * (h_prev - n), z)
+        grad_x = torch.cat([grad_pre_r, grad_pre_z, grad_pre_n], dim=1)
+        grad_hh = torch.cat([grad_pre_r, grad_pre_z, grad_pre_n * r], dim=1)
+        return grad_x, grad_hh, (torch.addmm(grad_h * z, grad_hh, weight_hh),)

@@ -1,0 +1,402 @@
+"""``python -m parity_lab.bench``: how fast every model trains here, and how fast a run solves.
+
+Measures, each a median over timed repeats after a warm-up (timings on a shared machine are noisy):
+
+- training ms/step and strings/s of every model (forward, loss, backward, optimizer step; models
+  built from the real configs in ``conf/model``), and each hand-written/built-in ratio;
+- time to solve: wall time of the default ``python -m parity_lab`` (start-up included) over seeds,
+  beside the PyTorch notebook's fastest setting (packed ``nn.RNN``, batch 10, lr 1e-2, lengths
+  1..20, hidden 8) trained until it solves or reaches a step cap;
+- where a default run's time goes: data generation and evaluation against the whole run;
+- long-string evaluation: seconds to evaluate strings of ``--eval-bits`` bits.
+
+Prints tables and writes everything to ``--output`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MODELS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+
+
+def compose(*overrides: str) -> Any:
+    """The real composed config (``conf/``), as ``python -m parity_lab`` would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(
+    step: Callable[[], None], device: torch.device, warmup: int, repeats: int, steps: int
+) -> tuple[float, float]:
+    """(median, min) milliseconds per call over ``repeats`` timed blocks of ``steps`` calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    blocks = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        blocks.append((time.perf_counter() - start) / steps * 1e3)
+    return statistics.median(blocks), min(blocks)
+
+
+def training_step_ms(model_name: str, max_len: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Milliseconds per training step of one model on fixed, pre-generated batches."""
+    from hydra.utils import instantiate
+
+    overrides = [f"model={model_name}", f"model.hidden_size={args.hidden}"]
+    if args.compile:
+        overrides.append(f"model.compile={args.compile}")
+    cfg = compose(*overrides)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device).train()
+    loss_fn = instantiate(cfg.loss)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    stream = ParityStream(0, args.min_len, max_len, args.batch, None, "bit")
+    batches = [[t.to(device) for t in stream.batch(i)] for i in range(4)]
+    index = [0]
+
+    def step() -> None:
+        x, lengths, targets = batches[index[0] % len(batches)]
+        index[0] += 1
+        final = model.final_logits(model(x, lengths), lengths)
+        parity = targets.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+        loss = loss_fn(final, parity)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    ms, ms_min = median_ms(step, device, args.warmup, args.repeats, args.steps)
+    return {
+        "model": model_name,
+        "max_len": max_len,
+        "ms_per_step": round(ms, 4),
+        "ms_per_step_min": round(ms_min, 4),
+        "strings_per_s": round(args.batch / ms * 1e3, 1),
+    }
+
+
+def ratios(throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Hand-written over built-in ms/step, for every pair measured at the same max_len."""
+    ms = {(r["model"], r["max_len"]): r["ms_per_step"] for r in throughput}
+    return [
+        {
+            "pair": f"{model}/{model.removesuffix('_manual')}",
+            "max_len": max_len,
+            "ratio": round(value / ms[model.removesuffix("_manual"), max_len], 3),
+        }
+        for (model, max_len), value in ms.items()
+        if model.endswith("_manual") and (model.removesuffix("_manual"), max_len) in ms
+    ]
+
+
+def default_run_times(seeds: int, overrides: list[str]) -> dict[str, Any]:
+    """Wall time of ``python -m parity_lab`` as a subprocess (start-up included), per seed."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(seeds):
+            run_dir = Path(tmp) / f"seed{seed}"
+            command = [sys.executable, "-m", "parity_lab", f"seed={seed}", *overrides]
+            start = time.perf_counter()
+            subprocess.run(
+                [*command, f"hydra.run.dir={run_dir}"],
+                check=True,
+                capture_output=True,
+                cwd=CONF.parent,
+            )
+            wall = time.perf_counter() - start
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            runs.append(
+                {
+                    "seed": seed,
+                    "wall_s": round(wall, 3),
+                    "train_s": metrics["train_seconds"],
+                    "solved": metrics["solved"],
+                    "solved_step": metrics["solved_step"],
+                }
+            )
+    return {
+        "command": " ".join(["python -m parity_lab", *overrides]),
+        "runs": runs,
+        "median_wall_s": statistics.median(r["wall_s"] for r in runs),
+        "median_train_s": statistics.median(r["train_s"] for r in runs),
+        "solved": sum(r["solved"] for r in runs),
+    }
+
+
+class NotebookRNN(nn.Module):
+    """The notebook's fastest system: ``nn.RNN`` over a packed batch, a head on the final state."""
+
+    def __init__(self, hidden_size: int = 8) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(1, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, 1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths, batch_first=True, enforce_sorted=False
+        )
+        _, h = self.rnn(packed)
+        return self.head(h[-1]).squeeze(-1)
+
+
+def notebook_time_to_solve(seed: int, max_steps: int, eval_every: int) -> dict[str, Any]:
+    """Train the notebook's setting until it is right on every held-out string, or ``max_steps``.
+
+    Its own test: 100 fresh strings of lengths 50..100, here fixed by the seed; checked every
+    ``eval_every`` steps (the check's time is included, as the notebook evaluated as it went).
+    """
+    torch.manual_seed(seed)
+    model = NotebookRNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = nn.BCEWithLogitsLoss()
+    test_bits, test_lengths = sample_bits(key_generator(seed, "notebook_test"), 100, 50, 100)
+    test_parity = test_bits.sum(1).remainder(2).float()
+    start, solved_step = time.perf_counter(), None
+    for step in range(1, max_steps + 1):
+        bits, lengths = sample_bits(key_generator(seed, "notebook", step), 10, 1, 20)
+        logits = model(bits.float().unsqueeze(-1), lengths)
+        loss = loss_fn(logits, bits.sum(1).remainder(2).float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % eval_every == 0:
+            with torch.inference_mode():
+                predictions = model(test_bits.float().unsqueeze(-1), test_lengths) > 0
+            if bool((predictions.float() == test_parity).all()):
+                solved_step = step
+                break
+    return {
+        "seed": seed,
+        "train_s": round(time.perf_counter() - start, 3),
+        "solved": solved_step is not None,
+        "solved_step": solved_step,
+    }
+
+
+def notebook_times(seeds: int, max_steps: int, eval_every: int) -> dict[str, Any]:
+    runs = [notebook_time_to_solve(seed, max_steps, eval_every) for seed in range(seeds)]
+    return {
+        "setting": "packed nn.RNN, hidden 8, batch 10, Adam lr 1e-2, lengths 1..20; solved = "
+        f"100/100 strings of lengths 50..100 right (checked every {eval_every} steps), "
+        f"cap {max_steps} steps; in-process, start-up excluded",
+        "runs": runs,
+        "median_train_s": statistics.median(r["train_s"] for r in runs),
+        "solved": sum(r["solved"] for r in runs),
+    }
+
+
+def run_breakdown(overrides: list[str]) -> dict[str, Any]:
+    """One default run in-process: its time against data generation and evaluation within it.
+
+    Evaluation: wall time inside Lightning's validation and test loops (a callback times them).
+    Data: the run's training batches and evaluation sets generated again, timed (each is a pure
+    function of its key, so this replays exactly the work the run did).
+    """
+    import lightning as L
+
+    from parity_lab.train import train
+
+    class EvaluationTimer(L.Callback):
+        def __init__(self) -> None:
+            self.seconds, self._start = 0.0, 0.0
+
+        def _begin(self, *_: Any) -> None:
+            self._start = time.perf_counter()
+
+        def _end(self, *_: Any) -> None:
+            self.seconds += time.perf_counter() - self._start
+
+        on_validation_start = on_test_start = _begin
+        on_validation_end = on_test_end = _end
+
+    cfg = compose(*overrides)
+    timer = EvaluationTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        metrics = train(cfg, run_dir=Path(tmp), extra_callbacks=[timer])
+        run_s = time.perf_counter() - start
+
+    data = cfg.data
+    stream = ParityStream(
+        cfg.seed, data.min_len, data.max_len, data.batch_size, data.num_train, data.encoding
+    )
+    start = time.perf_counter()
+    for step in range(metrics["global_step"]):
+        stream.batch(step)
+    eval_set(cfg.seed, "val", cfg.eval.num_val, data.min_len, data.max_len, data.encoding)
+    for n in cfg.eval.lengths:
+        eval_set(cfg.seed, f"len_{n}", cfg.eval.num_test, n, n, data.encoding)
+    data_s = time.perf_counter() - start
+    return {
+        "command": f"train(compose({', '.join(map(repr, overrides))}))",
+        "global_step": metrics["global_step"],
+        "run_s": round(run_s, 3),
+        "data_s": round(data_s, 3),
+        "eval_s": round(timer.seconds, 3),
+        "data_and_eval_share": round((data_s + timer.seconds) / run_s, 3),
+    }
+
+
+def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Seconds to evaluate ``--eval-strings`` strings of each length in ``--eval-bits``."""
+    from hydra.utils import instantiate
+
+    from parity_lab.evaluate import accuracy_at_length
+
+    cfg = compose(f"model={args.eval_model}", f"model.hidden_size={args.hidden}")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(args.device).eval()
+    results = []
+    for bits in args.eval_bits:
+        start = time.perf_counter()
+        accuracy = accuracy_at_length(model, bits, args.eval_strings, seed=0)
+        synchronize(torch.device(args.device))
+        results.append(
+            {
+                "model": args.eval_model,
+                "bits": bits,
+                "strings": args.eval_strings,
+                "seconds": round(time.perf_counter() - start, 3),
+                "accuracy_untrained": accuracy,
+            }
+        )
+    return results
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += [
+        "  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m parity_lab.bench", description=__doc__.split("\n")[0]
+    )
+    add = parser.add_argument
+    add("--models", nargs="+", default=MODELS, choices=MODELS, help="models to time")
+    add("--batch", type=int, default=128, help="strings per training step")
+    add("--min-len", type=int, default=1)
+    add("--max-len", type=int, nargs="+", default=[20], help="one or more max_len to time")
+    add("--hidden", type=int, default=16, help="hidden size of every timed model")
+    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--threads", type=int, default=1, help="torch CPU threads")
+    add("--compile", default=None, help="model.compile mode for the timed models (e.g. default)")
+    add("--warmup", type=int, default=10, help="untimed steps before timing")
+    add("--repeats", type=int, default=7, help="timed blocks; the median block is reported")
+    add("--steps", type=int, default=20, help="training steps per timed block")
+    add("--solve-seeds", type=int, default=5, help="seeds of the default run to time (0: skip)")
+    add("--solve-overrides", nargs="*", default=[], help="overrides for the timed default runs")
+    add("--notebook-seeds", type=int, default=3, help="seeds of the notebook baseline (0: skip)")
+    add("--notebook-max-steps", type=int, default=20000)
+    add("--notebook-eval-every", type=int, default=100)
+    add(
+        "--breakdown",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time data generation and evaluation within one default run",
+    )
+    add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
+    add("--eval-strings", type=int, default=512)
+    add("--eval-model", default="lstm", choices=MODELS)
+    add("--output", default="bench.json", help="where to write the JSON results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {
+        "settings": {k: v for k, v in vars(args).items() if k != "output"},
+        "machine": {
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "device_name": torch.cuda.get_device_name(args.device)
+            if args.device.startswith("cuda")
+            else "cpu",
+        },
+    }
+    throughput = [training_step_ms(m, n, args) for n in args.max_len for m in args.models]
+    results["throughput"] = throughput
+    results["ratios"] = ratios(throughput)
+    print(
+        table(throughput, ["model", "max_len", "ms_per_step", "ms_per_step_min", "strings_per_s"])
+    )
+    if results["ratios"]:
+        print("\n" + table(results["ratios"], ["pair", "max_len", "ratio"]))
+
+    solve: dict[str, Any] = {}
+    if args.solve_seeds:
+        solve["default"] = default_run_times(args.solve_seeds, args.solve_overrides)
+    if args.notebook_seeds:
+        solve["notebook"] = notebook_times(
+            args.notebook_seeds, args.notebook_max_steps, args.notebook_eval_every
+        )
+    results["time_to_solve"] = solve
+    if solve:
+        rows = [
+            {
+                "setting": name,
+                "median_wall_s": entry.get("median_wall_s", "-"),
+                "median_train_s": entry["median_train_s"],
+                "solved": f"{entry['solved']}/{len(entry['runs'])}",
+                "solved_steps": [r["solved_step"] for r in entry["runs"]],
+            }
+            for name, entry in solve.items()
+        ]
+        print(
+            "\n"
+            + table(rows, ["setting", "median_wall_s", "median_train_s", "solved", "solved_steps"])
+        )
+
+    if args.breakdown:
+        results["breakdown"] = run_breakdown(args.solve_overrides)
+        print(
+            "\n"
+            + table([results["breakdown"]], ["run_s", "data_s", "eval_s", "data_and_eval_share"])
+        )
+    if args.eval_bits:
+        results["evaluation"] = evaluation_seconds(args)
+        print("\n" + table(results["evaluation"], ["model", "bits", "strings", "seconds"]))
+
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

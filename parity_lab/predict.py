@@ -1,0 +1,110 @@
+"""``python -m parity_lab.predict RUN_DIR [BITS ...]``: a trained run's parity of each bit string.
+
+Prints one line per string, ``bits<TAB>parity<TAB>probability``: ``probability`` is the model's
+probability that the string's parity is 1, and ``parity`` is 1 exactly when it exceeds 0.5.
+Strings come from the command line, or from stdin (one per line) when none are given. The model
+is rebuilt from ``RUN_DIR/.hydra/config.yaml`` and its weights are read from
+``RUN_DIR/checkpoints/last.ckpt`` with ``torch.load(weights_only=True)``, which never runs code
+stored in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from parity_lab.data import encode
+from parity_lab.models import ParityRNN
+
+BIT_STRING = re.compile("[01]+")
+
+
+class PredictError(ValueError):
+    """Bad input to ``predict``: the message says which and why."""
+
+
+def check_bit_strings(strings: list[str]) -> None:
+    for bits in strings:
+        if not BIT_STRING.fullmatch(bits):
+            shown = bits if len(bits) <= 40 else bits[:40] + "..."
+            raise PredictError(f"{shown!r} is not a bit string: expected one or more of 0 and 1")
+
+
+def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
+    """The run's model with the weights of its last checkpoint, and the run's config."""
+    config_path = run_dir / ".hydra" / "config.yaml"
+    checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
+    if not config_path.is_file():
+        raise PredictError(f"{config_path} not found: expected the directory of a run")
+    if not checkpoint_path.is_file():
+        raise PredictError(f"{checkpoint_path} not found: the run has not saved a checkpoint yet")
+    cfg = OmegaConf.load(config_path)
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the weights-only unpickler refuses anything but plain data
+        reason = str(error).strip().splitlines()[0]
+        raise PredictError(f"cannot load {checkpoint_path} as weights only: {reason}") from error
+    model: ParityRNN = instantiate(cfg.model)
+    weights = {
+        name.removeprefix("model."): tensor
+        for name, tensor in checkpoint["state_dict"].items()
+        if name.startswith("model.")
+    }
+    model.load_state_dict(weights)
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def parity_probabilities(
+    model: ParityRNN, strings: list[str], encoding: str, chunk_len: int = 4096
+) -> list[float]:
+    """Probability that each string's parity is 1, read at its last bit.
+
+    Strings of equal length run as one batch, ``chunk_len`` bits at a time with the recurrent
+    state carried across, so memory does not grow with the string length.
+    """
+    by_length: dict[int, list[int]] = {}
+    for index, bits in enumerate(strings):
+        by_length.setdefault(len(bits), []).append(index)
+    probabilities = [0.0] * len(strings)
+    for indices in by_length.values():
+        bits = torch.stack(
+            [torch.frombuffer(bytearray(strings[i], "ascii"), dtype=torch.uint8) for i in indices]
+        ).long() - ord("0")
+        state, last_logits = None, None
+        for chunk in bits.split(chunk_len, dim=1):
+            lengths = torch.full((len(indices),), chunk.shape[1])
+            logits, state = model.run(encode(chunk, lengths, encoding), state)
+            last_logits = logits[:, -1]
+        for i, probability in zip(indices, torch.sigmoid(last_logits.double()), strict=True):
+            probabilities[i] = probability.item()
+    return probabilities
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m parity_lab.predict", description=__doc__.split("\n\n")[1]
+    )
+    parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/...)")
+    parser.add_argument("bits", nargs="*", help="bit strings; read from stdin when none given")
+    args = parser.parse_args(argv)
+    strings = args.bits or [line.strip() for line in sys.stdin.read().splitlines()]
+    try:
+        check_bit_strings(strings)
+        model, cfg = load_run(args.run_dir)
+    except PredictError as error:
+        sys.exit(f"predict: {error}")
+    torch.set_num_threads(cfg.num_threads)
+    probabilities = parity_probabilities(model, strings, cfg.data.encoding)
+    for bits, probability in zip(strings, probabilities, strict=True):
+        print(f"{bits}\t{int(probability > 0.5)}\t{probability:.6f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Sweep summary: ``python -m parity_lab.report SWEEP_DIR``, also run when a multirun ends.
+
+Writes ``summary.csv`` (one row per job), ``summary.md`` (jobs grouped by configuration, seeds
+aggregated) and ``summary.png`` into the sweep directory. Every job Hydra planned is listed: a job
+whose directory has ``metrics.json`` is ``ok``; one with ``error.txt`` instead is ``failed``; one
+with neither is ``unfinished`` (killed, still running, or crashed without a record); one planned in
+``multirun.yaml`` but without a directory is ``missing``. Kept light: no torch, no lightning.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import statistics
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+STATUSES = ("ok", "failed", "unfinished", "missing")
+SEED_KEY = "seed"  # aggregated over, never part of a configuration
+
+
+def tested_length(metric: str) -> int | None:
+    """``test/acc_len_100`` -> 100; None for any other metric."""
+    prefix, _, length = metric.rpartition("_")
+    return int(length) if prefix == "test/acc_len" and length.isdigit() else None
+
+
+@dataclass
+class Job:
+    """One planned or found job of a sweep."""
+
+    num: int | None
+    status: str
+    overrides: dict[str, str]
+    dir: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def longest_len(self) -> int | None:
+        """The longest string length this job was tested at (``test/acc_len_<L>``)."""
+        lengths = [tested_length(k) for k in self.metrics]
+        return max((n for n in lengths if n is not None), default=None)
+
+    @property
+    def acc_longest(self) -> float | None:
+        length = self.longest_len
+        return None if length is None else self.metrics[f"test/acc_len_{length}"]
+
+
+def override_dict(overrides: Iterable[str]) -> dict[str, str]:
+    """``["+sweep=x", "model.hidden_size=4"]`` -> ``{"sweep": "x", "model.hidden_size": "4"}``."""
+    pairs = (override.split("=", 1) for override in overrides if "=" in override)
+    return {key.lstrip("+~"): value for key, value in pairs}
+
+
+def expand_sweep(params: dict[str, Any], overrides: Iterable[str]) -> list[list[str]]:
+    """Each job's overrides, in job-number order, as Hydra's basic sweeper expands
+    ``hydra.sweeper.params`` and the command line's overrides (``model=lstm,gru seed=range(3)``)."""
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    # Like BasicSweeper.split_arguments: a later override of a key replaces an earlier one (in
+    # place), and jobs are the cartesian product of every key's values, numbered in that order.
+    choices: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            choices[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def planned_overrides(sweep_dir: Path) -> list[list[str]] | None:
+    """The jobs Hydra planned, from the sweep's ``multirun.yaml``; None when that file is absent
+    or a sweeper other than the basic one planned them."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    hydra_cfg = OmegaConf.load(path).hydra
+    if not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = hydra_cfg.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params else {}
+    return expand_sweep(params, hydra_cfg.overrides.task)
+
+
+def _job_num(job_dir: Path) -> int | None:
+    """Hydra's ``hydra.job.num`` of a job dir, else the number its name starts with."""
+    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        num = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num")
+        if isinstance(num, int):
+            return num
+    prefix = job_dir.name.split("_", 1)[0]
+    return int(prefix) if prefix.isdigit() else None
+
+
+def _last_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    return next((line for line in reversed(lines) if line), "")[:160]
+
+
+def found_job(job_dir: Path) -> Job:
+    """A job from its directory: its overrides and, if it finished, its metrics."""
+    overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
+    job = Job(_job_num(job_dir), "unfinished", override_dict(overrides), dir=job_dir)
+    if (job_dir / "metrics.json").is_file():
+        job.status, job.metrics = "ok", json.loads((job_dir / "metrics.json").read_text())
+    elif (job_dir / "error.txt").is_file():
+        job.status, job.note = "failed", _last_line(job_dir / "error.txt")
+    else:
+        job.note = "no metrics.json and no error.txt: killed, still running, or crashed"
+    return job
+
+
+def collect_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job of the sweep: those with a directory, and planned ones without (``missing``)."""
+    job_dirs = sorted({p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")})
+    jobs = [found_job(d) for d in job_dirs if d != sweep_dir]
+    found_nums = {job.num for job in jobs}
+    for num, overrides in enumerate(planned_overrides(sweep_dir) or []):
+        if num not in found_nums:
+            jobs.append(Job(num, "missing", override_dict(overrides), note="no job directory"))
+    return sorted(jobs, key=lambda j: (j.num is None, j.num if j.num is not None else 0, j.dir))
+
+
+def swept_keys(jobs: list[Job]) -> tuple[list[str], dict[str, str]]:
+    """Override keys whose value differs between jobs (seed excluded), and the fixed ones."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+    swept, fixed = [], {}
+    for key in keys:
+        values = {job.overrides.get(key) for job in jobs}
+        if len(values) > 1:
+            if key != SEED_KEY:
+                swept.append(key)
+        elif key != SEED_KEY:
+            fixed[key] = values.pop() or ""
+    return swept, fixed
+
+
+def metric_keys(jobs: list[Job]) -> list[str]:
+    """Every metric any job reported: ``val/acc`` first, then tested lengths ascending."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job.metrics))
+
+    def order(key: str) -> tuple[int, int]:
+        if key == "val/acc":
+            return (0, 0)
+        length = tested_length(key)
+        return (2, 0) if length is None else (1, length)
+
+    return sorted(keys, key=order)
+
+
+def write_csv(jobs: list[Job], sweep_dir: Path) -> Path:
+    override_keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+    metrics = metric_keys(jobs)
+    path = sweep_dir / "summary.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["job", "status", "dir", *override_keys, *metrics, "note"])
+        for job in jobs:
+            writer.writerow(
+                [
+                    job.num,
+                    job.status,
+                    job.dir.relative_to(sweep_dir) if job.dir else "",
+                    *(job.overrides.get(k, "") for k in override_keys),
+                    *(job.metrics.get(k, "") for k in metrics),
+                    job.note,
+                ]
+            )
+    return path
+
+
+@dataclass
+class Group:
+    """The jobs of one configuration (all swept overrides but the seed equal)."""
+
+    config: dict[str, str]
+    jobs: list[Job]
+
+    @property
+    def ok(self) -> list[Job]:
+        return [job for job in self.jobs if job.status == "ok"]
+
+    @property
+    def solved(self) -> list[Job]:
+        return [job for job in self.ok if job.metrics.get("solved")]
+
+    @property
+    def success_rate(self) -> float | None:
+        return len(self.solved) / len(self.ok) if self.ok else None
+
+    def values(self, metric: str) -> list[float]:
+        if metric == "acc_longest":
+            return [job.acc_longest for job in self.ok if job.acc_longest is not None]
+        return [
+            float(job.metrics[metric]) for job in self.ok if job.metrics.get(metric) is not None
+        ]
+
+    @property
+    def median_solved_step(self) -> float | None:
+        steps = [
+            job.metrics["solved_step"]
+            for job in self.solved
+            if job.metrics.get("solved_step") is not None
+        ]
+        return statistics.median(steps) if steps else None
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.config.items()) or "all jobs"
+
+
+def group_jobs(jobs: list[Job], swept: list[str]) -> list[Group]:
+    groups: dict[tuple[str, ...], Group] = {}
+    for job in jobs:
+        config = {key: job.overrides.get(key, "") for key in swept}
+        groups.setdefault(tuple(config.values()), Group(config, [])).jobs.append(job)
+    return list(groups.values())
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def longest_label(groups: list[Group]) -> str:
+    lengths = {job.longest_len for group in groups for job in group.ok} - {None}
+    return f"acc @ len {lengths.pop()}" if len(lengths) == 1 else "acc @ longest len"
+
+
+def summary_table(groups: list[Group]) -> str:
+    """Markdown table, one row per configuration."""
+    header = [
+        "configuration",
+        "runs ok",
+        "solved",
+        "success rate",
+        "val/acc",
+        longest_label(groups),
+        "median steps to solve",
+        "not ok",
+    ]
+    rows = [header, ["---"] * len(header)]
+    for group in groups:
+        not_ok = ", ".join(
+            f"{n} {status}"
+            for status in STATUSES[1:]
+            if (n := sum(job.status == status for job in group.jobs))
+        )
+        rate, step = group.success_rate, group.median_solved_step
+        rows.append(
+            [
+                group.label,
+                f"{len(group.ok)}/{len(group.jobs)}",
+                str(len(group.solved)),
+                "-" if rate is None else f"{rate:.2f}",
+                _mean_std(group.values("val/acc")),
+                _mean_std(group.values("acc_longest")),
+                "-" if step is None else f"{step:g}",
+                not_ok or "-",
+            ]
+        )
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def write_markdown(
+    sweep_dir: Path, jobs: list[Job], groups: list[Group], fixed: dict[str, str], plot: str
+) -> Path:
+    counts = ", ".join(f"{sum(j.status == s for j in jobs)} {s}" for s in STATUSES)
+    lines = [
+        f"# Sweep summary: {sweep_dir}",
+        "",
+        f"{len(jobs)} jobs: {counts}. Seeds are aggregated; success rate = solved / runs ok.",
+    ]
+    if fixed:
+        lines.append("Same in every job: " + " ".join(f"`{k}={v}`" for k, v in fixed.items()))
+    lines += ["", summary_table(groups), ""]
+    trouble = [job for job in jobs if job.status != "ok"]
+    if trouble:
+        lines += ["## Jobs not ok", "", "| job | status | overrides | note |", "|---|---|---|---|"]
+        for job in trouble:
+            overrides = " ".join(f"{k}={v}" for k, v in job.overrides.items())
+            note = job.note.replace("|", "\\|")
+            lines.append(f"| {job.num} | {job.status} | {overrides} | {note} |")
+        lines.append("")
+    lines += [f"![summary]({plot})", ""]
+    path = sweep_dir / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _numeric(values: list[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
+    """Success rate, val/acc and accuracy at the longest length against the most varied swept
+    parameter, one line per combination of the others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key = max(swept, key=lambda k: len({g.config[k] for g in groups}), default=None)
+    x_values = list(dict.fromkeys(g.config[x_key] for g in groups)) if x_key else ["all jobs"]
+    numeric = _numeric(x_values)
+    positions = numeric if numeric else list(range(len(x_values)))
+    lines: dict[str, list[tuple[float, Group]]] = {}
+    for group in groups:
+        hue = " ".join(f"{k}={v}" for k, v in group.config.items() if k != x_key)
+        x = positions[x_values.index(group.config[x_key])] if x_key else 0
+        lines.setdefault(hue, []).append((x, group))
+
+    panels = [
+        ("success rate", None),
+        ("val/acc", "val/acc"),
+        (longest_label(groups), "acc_longest"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), squeeze=False)
+    for ax, (title, metric) in zip(axes[0], panels, strict=True):
+        for hue, points in lines.items():
+            points.sort(key=lambda p: p[0])
+            xs, ys, errs = [], [], []
+            for x, group in points:
+                values = [] if metric is None else group.values(metric)
+                y = (
+                    group.success_rate
+                    if metric is None
+                    else (statistics.mean(values) if values else None)
+                )
+                if y is None:
+                    continue
+                xs.append(x)
+                ys.append(y)
+                errs.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=None if metric is None else errs,
+                marker="o",
+                linestyle="-" if numeric else ":",  # categories: no in-between values
+                capsize=3,
+                label=hue or None,
+            )
+        ax.set_title(title)
+        ax.set_xlabel(x_key or "")
+        ax.set_ylim(-0.05, 1.05)
+        if numeric and min(numeric) > 0 and max(numeric) / min(numeric) >= 10:
+            ax.set_xscale("log")
+        ax.set_xticks(
+            positions, x_values, rotation=0 if numeric else 30, ha="center" if numeric else "right"
+        )
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    if any(lines):
+        axes[0][-1].legend(fontsize="small")
+    fig.suptitle(f"{sweep_dir.parent.name}/{sweep_dir.name}: mean ± std over seeds")
+    fig.tight_layout()
+    path = sweep_dir / "summary.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(sweep_dir: Path | str) -> str:
+    """Write summary.csv, summary.md and summary.png for a sweep dir; return the table."""
+    sweep_dir = Path(sweep_dir)
+    jobs = collect_jobs(sweep_dir)
+    swept, fixed = swept_keys(jobs)
+    groups = group_jobs(jobs, swept)
+    write_csv(jobs, sweep_dir)
+    plot = write_plot(sweep_dir, groups, swept)
+    write_markdown(sweep_dir, jobs, groups, fixed, plot.name)
+    return summary_table(groups)
+
+
+class SweepSummary(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): report when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = write_report(sweep_dir)
+        print(f"\n{table}\n\nsummary: {sweep_dir / 'summary.md'} (+ summary.csv, summary.png)")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python -m parity_lab.report SWEEP_DIR", file=sys.stderr)
+        return 2
+    sweep_dir = Path(argv[0])
+    print(write_report(sweep_dir))
+    print(f"\nwrote {sweep_dir / 'summary.csv'}, summary.md, summary.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,301 @@
+"""Sweeps: summaries (Hydra callback, parity_lab.report), stored sweeps, launchers, TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from parity_lab.config import validate
+from parity_lab.report import expand_sweep, write_report
+from tests.conftest import CONF, ROOT
+
+# Each job trains 20 steps (validating at 10 and 20, so val/acc has a curve) on tiny eval sets.
+TINY = [
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=10",
+    "eval.num_val=32",
+    "eval.num_test=32",
+    "eval.lengths=[30]",
+]
+
+
+def run_sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """``python -m parity_lab -m ...`` from the repo root, outputs in ``sweep_dir``."""
+    command = [sys.executable, "-m", "parity_lab", "-m", f"hydra.sweep.dir={sweep_dir}"]
+    result = subprocess.run(
+        [*command, *overrides, *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def summary_rows(sweep_dir: Path) -> list[dict[str, str]]:
+    with (sweep_dir / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 4-job sweep (hidden 4, 8 x seed 0, 1) run in 2 parallel processes (one after another
+    where the joblib plugin is not installed); its dir and stdout."""
+    sweep_dir = tmp_path_factory.mktemp("small") / "sweep"
+    joblib = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if joblib else []
+    result = run_sweep(sweep_dir, *launcher, "model.hidden_size=4,8", "seed=0,1")
+    return sweep_dir, result.stdout
+
+
+def test_joblib_sweep_leaves_every_jobs_metrics_and_a_summary(small_sweep: tuple[Path, str]):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep_dir, stdout = small_sweep
+    assert "JoblibLauncher" in (sweep_dir / "multirun.yaml").read_text()
+    dirs = job_dirs(sweep_dir)
+    assert len(dirs) == 4
+    assert all((d / "metrics.json").is_file() for d in dirs)
+
+    rows = summary_rows(sweep_dir)
+    assert sorted(row["dir"] for row in rows) == [d.name for d in dirs]
+    assert {row["status"] for row in rows} == {"ok"}
+    for row in rows:
+        metrics = json.loads((sweep_dir / row["dir"] / "metrics.json").read_text())
+        assert float(row["val/acc"]) == metrics["val/acc"]
+        assert float(row["test/acc_len_30"]) == metrics["test/acc_len_30"]
+    assert [(r["model.hidden_size"], r["seed"]) for r in rows] == [
+        ("4", "0"), ("4", "1"), ("8", "0"), ("8", "1"),
+    ]  # fmt: skip
+
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert "4 jobs: 4 ok, 0 failed, 0 unfinished, 0 missing" in markdown
+    for hidden in (4, 8):  # one row per configuration, seeds aggregated: 2 of 2 runs ok
+        assert f"| model.hidden_size={hidden} | 2/2 |" in markdown
+        assert f"| model.hidden_size={hidden} | 2/2 |" in stdout  # printed when the sweep ends
+    assert (sweep_dir / "summary.png").stat().st_size > 0
+
+
+def test_report_lists_missing_failed_and_unfinished_jobs(
+    small_sweep: tuple[Path, str], tmp_path: Path
+):
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(small_sweep[0], sweep_dir)
+    for name in ("summary.csv", "summary.md", "summary.png"):
+        (sweep_dir / name).unlink()
+    dirs = job_dirs(sweep_dir)
+    shutil.rmtree(dirs[1])  # hidden 4, seed 1: deleted -> missing
+    (dirs[2] / "metrics.json").unlink()  # hidden 8, seed 0: crashed with a record -> failed
+    (dirs[2] / "error.txt").write_text("Traceback ...\nRuntimeError: loss is nan at step 7\n")
+    (dirs[3] / "metrics.json").unlink()  # hidden 8, seed 1: killed -> unfinished
+
+    result = subprocess.run(
+        [sys.executable, "-m", "parity_lab.report", str(sweep_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    rows = {row["job"]: row for row in summary_rows(sweep_dir)}
+    assert [rows[n]["status"] for n in "0123"] == ["ok", "missing", "failed", "unfinished"]
+    assert (rows["1"]["model.hidden_size"], rows["1"]["seed"]) == ("4", "1")  # from multirun.yaml
+    assert "loss is nan at step 7" in rows["2"]["note"]
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert "4 jobs: 1 ok, 1 failed, 1 unfinished, 1 missing" in markdown
+    assert "| model.hidden_size=4 | 1/2 |" in markdown
+    assert "| 1 | missing | model.hidden_size=4 seed=1" in markdown
+    assert "| model.hidden_size=4 | 1/2 |" in result.stdout
+    assert (sweep_dir / "summary.png").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, body: dict | None = None) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_tensorboard_serves_every_jobs_scalars_and_hparams(small_sweep: tuple[Path, str]):
+    sweep_dir = small_sweep[0]
+    runs = [d.name for d in job_dirs(sweep_dir)]  # TensorBoard's run names: the job dirs
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/data"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep_dir),
+         "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        tags: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                tags = _get(f"{url}/plugin/scalars/tags")
+                if set(tags) == set(runs):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert set(tags) == set(runs)
+        for run in runs:
+            assert {"train/loss", "val/acc", "final/val/acc"} <= set(tags[run])
+            query = urllib.parse.urlencode({"run": run, "tag": "val/acc"})
+            steps = [step for _, step, _ in _get(f"{url}/plugin/scalars/scalars?{query}")]
+            assert steps == [9, 19, 20]  # two validations and the test; no final value at step 0
+
+        experiment = _get(f"{url}/plugin/hparams/experiment", {"experimentName": ""})
+        hparams = {info["name"]: info for info in experiment["hparamInfos"]}
+        assert {"model/hidden_size", "model/rnn/_target_", "seed", "optimizer/lr"} <= set(hparams)
+        metric_names = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"final/val/acc", "final/test/acc_len_30", "final/solved"} <= metric_names
+
+        groups = _get(
+            f"{url}/plugin/hparams/session_groups",
+            {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+             "startIndex": 0, "sliceSize": 100},
+        )["sessionGroups"]  # fmt: skip
+        sessions = {s["name"]: s for g in groups for s in g["sessions"]}
+        assert set(sessions) == set(runs)
+        for run, session in sessions.items():
+            metrics = json.loads((sweep_dir / run / "metrics.json").read_text())
+            values = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
+            assert values["final/val/acc"] == pytest.approx(metrics["val/acc"])
+            assert values["final/test/acc_len_30"] == pytest.approx(metrics["test/acc_len_30"])
+        group_hparams = [(g["hparams"]["model/hidden_size"], g["hparams"]["seed"]) for g in groups]
+        assert sorted(group_hparams) == [(4, 0), (4, 1), (8, 0), (8, 1)]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_submitit_local_sweep_runs_every_job(tmp_path: Path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "sweep"
+    run_sweep(sweep_dir, "hydra/launcher=slurm_local", "seed=0,1")
+    rows = summary_rows(sweep_dir)
+    assert [(row["seed"], row["status"]) for row in rows] == [("0", "ok"), ("1", "ok")]
+    assert (sweep_dir / ".submitit").is_dir()  # the jobs really went through submitit
+
+
+MODELS = ["lstm", "gru", "rnn", "lstm_manual", "gru_manual", "rnn_manual"]
+STORED_SWEEPS = {
+    "hidden_lr": {
+        "model.hidden_size": "1,2,4,8,16",
+        "optimizer.lr": "0.001,0.003,0.01,0.03",
+        "seed": "range(3)",
+    },
+    "lengths": {"data": "variable,fixed", "data.max_len": "5,10,20,30,40,50", "seed": "range(3)"},
+    "rfr": {
+        "experiment": "openai_fixed50,openai_variable50",
+        "model": ",".join(MODELS),
+        "seed": "range(5)",
+    },
+}
+
+
+def test_every_stored_sweep_is_tested():
+    assert sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")) == sorted(STORED_SWEEPS)
+
+
+@pytest.mark.parametrize("name", sorted(STORED_SWEEPS))
+def test_stored_sweep_composes_every_job(name: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+        assert cfg.hydra.mode.name == "MULTIRUN"  # `python -m parity_lab sweep=NAME` sweeps
+        params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+        assert {k: str(v) for k, v in params.items()} == STORED_SWEEPS[name]
+        jobs = expand_sweep(params, [f"sweep={name}"])
+        for overrides in {tuple(o for o in job if not o.startswith("seed=")) for job in jobs}:
+            validate(compose("config", overrides=list(overrides)))
+    assert len(jobs) == {"hidden_lr": 60, "lengths": 36, "rfr": 60}[name]
+
+
+def test_rfr_sweep_trains_each_model_on_each_openai_setting():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for experiment, min_len in [("openai_fixed50", 50), ("openai_variable50", 1)]:
+            for model in MODELS:
+                cfg = compose("config", overrides=["sweep=rfr", f"experiment={experiment}",
+                                                   f"model={model}"])  # fmt: skip
+                reference = compose("config", overrides=[f"model={model}"])
+                assert cfg.model.rnn._target_ == reference.model.rnn._target_  # not the lstm
+                assert (cfg.data.min_len, cfg.data.max_len) == (min_len, 50)
+                assert (cfg.data.num_train, cfg.data.supervision) == (100000, "final")
+
+
+def test_slurm_launcher_takes_partition_time_and_cpus_as_overrides():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    overrides = [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=30",
+        "hydra.launcher.cpus_per_task=2",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        launcher = compose("config", overrides=overrides, return_hydra_config=True).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.timeout_min, launcher.cpus_per_task) == ("gpu", 30, 2)
+
+
+def test_stored_sweep_runs_without_dash_m_and_command_line_narrows_it(tmp_path: Path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "parity_lab", "sweep=lengths", f"hydra.sweep.dir={sweep_dir}",
+               "data=fixed", "data.max_len=5,10", "seed=0", *TINY]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = summary_rows(sweep_dir)
+    assert [(row["data"], row["data.max_len"], row["status"]) for row in rows] == [
+        ("fixed", "5", "ok"), ("fixed", "10", "ok"),
+    ]  # fmt: skip
+    assert not any("sweep=" in row["dir"] for row in rows)  # the same in every job: not in names
+
+
+def test_report_does_not_import_torch_or_lightning():
+    code = "import sys, parity_lab.report; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_report_on_a_killed_sweep_lists_the_unfinished_and_missing_jobs(tmp_path: Path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "parity_lab", "-m", f"hydra.sweep.dir={sweep_dir}",
+               "seed=0,1,2", *TINY]  # fmt: skip
+    sweep = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(sweep_dir.glob("1_*/.hydra/overrides.yaml")):  # job 0 done, job 1 started
+            assert time.monotonic() < deadline and sweep.poll() is None
+            time.sleep(0.05)
+    finally:
+        sweep.kill()
+        sweep.wait()
+    if list(sweep_dir.glob("1_*/metrics.json")):
+        pytest.skip("job 1 finished before the kill landed")
+
+    write_report(sweep_dir)
+    rows = summary_rows(sweep_dir)
+    assert [(row["seed"], row["status"]) for row in rows] == [
+        ("0", "ok"), ("1", "unfinished"), ("2", "missing"),
+    ]  # fmt: skip
