@@ -253,6 +253,10 @@ def summary_table(groups: list[Group]) -> str:
         "median steps to solve",
         "not ok",
     ]
+    # Length-curve metrics (eval.curve) get columns only when the sweep measured them.
+    curve = any("test/exact_until" in job.metrics for group in groups for job in group.ok)
+    if curve:
+        header[-1:-1] = ["acc beyond training", "exact up to (bits, per job)"]
     rows = [header, ["---"] * len(header)]
     for group in groups:
         not_ok = ", ".join(
@@ -273,6 +277,9 @@ def summary_table(groups: list[Group]) -> str:
                 not_ok or "-",
             ]
         )
+        if curve:
+            exact = ", ".join(f"{v:.0f}" for v in group.values("test/exact_until")) or "-"
+            rows[-1][-1:-1] = [_mean_std(group.values("test/acc_unseen")), exact]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

@@ -299,3 +299,23 @@ def test_report_on_a_killed_sweep_lists_the_unfinished_and_missing_jobs(tmp_path
     assert [(row["seed"], row["status"]) for row in rows] == [
         ("0", "ok"), ("1", "unfinished"), ("2", "missing"),
     ]  # fmt: skip
+
+
+def test_report_adds_length_curve_columns_when_measured(tmp_path: Path) -> None:
+    for num, (model, exact) in enumerate([("lstm", 1000000), ("gru", 251)]):
+        job = tmp_path / f"{num}_model={model}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- model={model}\n")
+        metrics = {
+            "val/acc": 1.0,
+            "test/acc_len_50": 1.0,
+            "solved": True,
+            "solved_step": 200,
+            "global_step": 200,
+            "test/acc_unseen": 0.5 + num / 4,
+            "test/exact_until": exact,
+        }
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    table = write_report(tmp_path)
+    assert "exact up to (bits, per job)" in table and "acc beyond training" in table
+    assert "| 0.500 | 1000000 |" in table.replace("model=lstm", "") and "| 0.750 | 251 |" in table
