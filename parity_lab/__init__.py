@@ -3,6 +3,9 @@
 from omegaconf import OmegaConf
 
 ENCODING_SIZES = {"bit": 1, "pair": 2}  # data.encoding -> network input size
+READOUTS = ("last", "padded_end")  # model.readout: where a string's prediction is read
+# model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULES = ("none", "linear", "warmup")  # data.curriculum.schedule (see data.Curriculum)
 
 

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
 from parity_lab.data import encode, key_generator
 from parity_lab.models import ParityRNN
+from parity_lab.predict import PredictError, load_run
 
 START = -1  # the automaton's start state: the zero state before any bit
 RUNS = [8, 16, 24, 32, 48, 64, 128, 1024]  # runs of zeros after which parity loss is probed
@@ -67,18 +66,6 @@ class Analysis:
     transition_consistency: float  # share of observed transitions that follow the majority
     output_purity: float  # share of states whose prediction is their cluster's output
     agreement: float  # share of positions where the automaton predicts what the network does
-
-
-def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
-    """The trained model of a run, from ``.hydra/config.yaml`` and ``checkpoints/last.ckpt``."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    model: ParityRNN = instantiate(cfg.model)
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    prefix = "model."
-    model.load_state_dict(
-        {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    )
-    return model.eval(), cfg
 
 
 def state_vector(state: Any) -> torch.Tensor:
@@ -359,7 +346,10 @@ def main(argv: list[str] | None = None) -> Analysis:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
-    model, cfg = load_run(args.run_dir)
+    try:
+        model, cfg = load_run(args.run_dir)
+    except PredictError as error:
+        raise SystemExit(f"analyze: {error}") from None
     length = args.length or cfg.data.max_len
     result, states, bits = analyze(
         model, cfg.data.encoding, args.strings, length, args.max_clusters, cfg.seed

@@ -333,7 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
     add("--eval-strings", type=int, default=512)
     add("--eval-model", default="lstm", choices=MODELS)
-    add("--output", default="bench.json", help="where to write the JSON results")
+    add("--output", default="outputs/bench.json", help="where to write the JSON results")
     return parser.parse_args(argv)
 
 

@@ -9,8 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab import ENCODING_SIZES, SCHEDULES
-from parity_lab.models.classifier import COMPILE_MODES, READOUTS
+from parity_lab import COMPILE_MODES, ENCODING_SIZES, READOUTS, SCHEDULES
 
 SUPERVISIONS = ("final", "every_step")
 
@@ -95,6 +94,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.gradient_clip_val={clip!r} is invalid: expected a finite number > 0 or null"
         )
+    _int(cfg, "trainer.max_steps", -1)  # -1: no step limit (then max_epochs ends the run)
+    _int(cfg, "trainer.max_epochs", -1, optional=True)
+    _int(cfg, "trainer.val_check_interval", 1)  # in training steps
     lengths = _value(cfg, "eval.lengths")
     if not OmegaConf.is_list(lengths) or not all(
         isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths

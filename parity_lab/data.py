@@ -17,8 +17,6 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from parity_lab import ENCODING_SIZES
 
-SUPERVISIONS = ("final", "every_step")
-
 
 class ParityBatch(NamedTuple):
     x: torch.Tensor  # (batch, time, input_size) float, zero after each string's end

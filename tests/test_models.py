@@ -105,3 +105,22 @@ def test_padded_end_readout_reads_the_last_padded_position() -> None:
     batch = random_batch(num=8, min_len=1, max_len=12)
     logits = model(batch.x, batch.lengths)
     assert torch.equal(model.final_logits(logits, batch.lengths), logits[:, -1])
+
+
+def test_new_cell_with_only_a_step_trains_through_autograd() -> None:
+    """README's recipe for a new cell (define ``step``) works without a hand-written backward."""
+    from parity_lab.models import ManualRNN, ParityRNN
+    from parity_lab.models.manual import ManualRecurrent
+
+    class StepOnlyRNN(ManualRNN):
+        step_backward = ManualRecurrent.step_backward  # as if never written
+
+    torch.manual_seed(0)
+    reference = ParityRNN(ManualRNN, 1, 4)
+    step_only = ParityRNN(StepOnlyRNN, 1, 4)
+    step_only.load_state_dict(reference.state_dict())
+    batch = random_batch(num=8, max_len=10)
+    for model in (reference, step_only):
+        model.final_logits(model(batch.x, batch.lengths), batch.lengths).sum().backward()
+    for p_ref, p_new in zip(reference.parameters(), step_only.parameters(), strict=True):
+        torch.testing.assert_close(p_new.grad, p_ref.grad)

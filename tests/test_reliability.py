@@ -60,6 +60,8 @@ BAD_VALUES = [
     ("data.min_len=30", "data.min_len=30 > data.max_len=20"),
     ("model.hidden_size=0", "model.hidden_size=0"),
     ("model.hidden_size=2.5", "model.hidden_size=2.5"),
+    ("trainer.max_steps=abc", "trainer.max_steps='abc'"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0"),
     ("model.hidden_size=abc", "model.hidden_size='abc'"),
     ("optimizer.lr=0", "optimizer.lr=0"),
     ("optimizer.lr=-0.01", "optimizer.lr=-0.01"),

@@ -8,9 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-READOUTS = ("last", "padded_end")
-# model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+from parity_lab import READOUTS
 
 
 class ParityRNN(nn.Module):

@@ -97,9 +97,11 @@ class ManualRecurrent(nn.Module):
         elif self.state_size == 1:
             state = (state,)
         layer_states = list(zip(*(s.unbind(0) for s in state), strict=True))
-        # Under torch.compile the loop is traced as plain ops and the compiler derives the backward.
+        # Under torch.compile the loop is traced as plain ops and the compiler derives the backward;
+        # a new cell that defines only ``step`` also gets autograd's backward.
         hand_written_backward = (
-            torch.is_grad_enabled()
+            type(self).step_backward is not ManualRecurrent.step_backward
+            and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and any(p.requires_grad for p in self.parameters())
         )
