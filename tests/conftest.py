@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
 
@@ -36,3 +37,13 @@ def compose_config(*overrides: str) -> DictConfig:
 def make_config() -> Callable[..., DictConfig]:
     """``make_config(*overrides)``: the real composed config, shrunk for speed."""
     return lambda *overrides: compose_config(*FAST, *overrides)
+
+
+def event_tags(run_dir: Path, kind: str = "scalars") -> set[str]:
+    """Tags of one kind (``scalars``, ``images``) in every TensorBoard event file under run_dir."""
+    tags: set[str] = set()
+    for events in run_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()[kind])
+    return tags

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from parity_lab import analyze
 from parity_lab.config import ConfigError, validate
@@ -19,17 +18,9 @@ from parity_lab.evaluate import accuracy_at_length, accuracy_by_length, curve_le
 from parity_lab.models import ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn
 from parity_lab.train import train
+from tests.conftest import event_tags
 
 HANDSET = [handset_lstm, handset_gru, handset_rnn]
-
-
-def image_tags(run_dir: Path) -> set[str]:
-    tags: set[str] = set()
-    for events in run_dir.rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        tags |= set(accumulator.Tags()["images"])
-    return tags
 
 
 def every_string(max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +103,7 @@ def test_length_curve_reports_lengths_beyond_training(make_config, tmp_path: Pat
     assert exact == max(curve) or min(acc for n, acc in curve.items() if n > exact) < 1.0
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert (tmp_path / "length_curve.png").stat().st_size > 0
-    assert "test/length_curve" in image_tags(tmp_path)
+    assert "test/length_curve" in event_tags(tmp_path, "images")
 
 
 def test_curricula_pick_lengths_by_step_and_stay_reproducible() -> None:
@@ -184,7 +175,7 @@ def test_analyze_command_on_a_run_dir(make_config, tmp_path: Path, capsys) -> No
     saved = json.loads((tmp_path / "analysis" / "automaton.json").read_text())
     assert len(saved["automaton"]["transitions"]) == 2
     assert (tmp_path / "analysis" / "trajectories.png").stat().st_size > 0
-    assert "analysis/trajectories" in image_tags(tmp_path)
+    assert "analysis/trajectories" in event_tags(tmp_path, "images")
 
 
 @pytest.mark.parametrize("build", HANDSET)

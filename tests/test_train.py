@@ -8,21 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from parity_lab.train import train
-from tests.conftest import CONF, FAST, ROOT
+from tests.conftest import CONF, FAST, ROOT, event_tags
 
 MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
-
-
-def scalar_tags(run_dir: Path) -> set[str]:
-    tags: set[str] = set()
-    for events in run_dir.rglob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        tags |= set(accumulator.Tags()["scalars"])
-    return tags
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -68,7 +58,7 @@ def test_small_lstm_learns_parity_of_short_strings(make_config, tmp_path: Path) 
     assert metrics["solved_step"] is not None and metrics["solved_step"] <= 600
     assert metrics["global_step"] == metrics["solved_step"]  # stop_when_solved
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert {"train/loss", "train/acc", "val/acc", "val/acc_len_16"} <= scalar_tags(tmp_path)
+    assert {"train/loss", "train/acc", "val/acc", "val/acc_len_16"} <= event_tags(tmp_path)
 
 
 def test_multirun_leaves_one_run_dir_per_job(tmp_path: Path) -> None:
@@ -90,5 +80,5 @@ def test_multirun_leaves_one_run_dir_per_job(tmp_path: Path) -> None:
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["global_step"] == 20
-        assert {"train/loss", "val/acc"} <= scalar_tags(job)
+        assert {"train/loss", "val/acc"} <= event_tags(job)
         assert (job / ".hydra" / "config.yaml").is_file()
