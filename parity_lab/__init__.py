@@ -7,6 +7,7 @@ READOUTS = ("last", "padded_end")  # model.readout: where a string's prediction 
 # model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULES = ("none", "linear", "warmup")  # data.curriculum.schedule (see data.Curriculum)
+LR_SHAPES = ("cosine", "linear")  # scheduler.shape: the lr's fall after warm-up (warmup_decay)
 
 
 def _input_size(encoding: str) -> int:

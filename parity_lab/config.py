@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab import COMPILE_MODES, ENCODING_SIZES, READOUTS, SCHEDULES
+from parity_lab import COMPILE_MODES, ENCODING_SIZES, LR_SHAPES, READOUTS, SCHEDULES
 
 SUPERVISIONS = ("final", "every_step")
 
@@ -87,6 +87,21 @@ def validate(cfg: DictConfig) -> None:
     lr = _value(cfg, "optimizer.lr")
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
         raise ConfigError(f"optimizer.lr={lr!r} is invalid: expected a finite number > 0")
+    if cfg.get("scheduler") is not None:
+        _int(cfg, "scheduler.warmup_steps", 0)
+        _int(cfg, "scheduler.decay_steps", 1)
+        if cfg.scheduler.decay_steps < cfg.scheduler.warmup_steps:
+            raise ConfigError(
+                f"scheduler.decay_steps={cfg.scheduler.decay_steps} < scheduler.warmup_steps="
+                f"{cfg.scheduler.warmup_steps}: decay_steps must be >= warmup_steps (the decay "
+                "starts when the warm-up ends)"
+            )
+        _choice(cfg, "scheduler.shape", LR_SHAPES)
+        final = _value(cfg, "scheduler.final_factor")
+        if isinstance(final, bool) or not isinstance(final, int | float) or not 0 <= final <= 1:
+            raise ConfigError(
+                f"scheduler.final_factor={final!r} is invalid: expected a number in [0, 1]"
+            )
     clip = _value(cfg, "trainer.gradient_clip_val")
     if clip is not None and (
         isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 < clip < math.inf

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy
 
+from parity_lab import LR_SHAPES
 from parity_lab.data import ParityBatch
 from parity_lab.models import ParityRNN
 
@@ -17,6 +20,28 @@ def metric_name(stage: str, eval_name: str) -> str:
     """Logged name of an evaluation set's accuracy: ``val/acc`` for the set drawn like training,
     ``<stage>/acc_len_<L>`` for the fixed-length sets."""
     return "val/acc" if eval_name == "val" else f"{stage}/acc_{eval_name}"
+
+
+def warmup_decay(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    decay_steps: int,
+    final_factor: float,
+    shape: str = "cosine",
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 to the optimizer's lr over ``warmup_steps``, then a cosine or linear
+    fall to ``final_factor`` x lr at ``decay_steps``, constant after (stepped once per step)."""
+    if shape not in LR_SHAPES:
+        raise ValueError(f"scheduler.shape={shape!r}: allowed values are {list(LR_SHAPES)}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+        fall = 0.5 * (1.0 + math.cos(math.pi * progress)) if shape == "cosine" else 1.0 - progress
+        return final_factor + (1.0 - final_factor) * fall
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,9 +56,12 @@ class ParityModule(L.LightningModule):
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         supervision: str,
         eval_names: list[str],
+        scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+        | None = None,
     ) -> None:
         super().__init__()
         self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.scheduler = scheduler
         self.supervision, self.eval_names = supervision, eval_names
         self.eval_acc = nn.ModuleDict(
             {
@@ -81,5 +109,9 @@ class ParityModule(L.LightningModule):
     def test_step(self, batch: ParityBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("test", batch, dataloader_idx)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer(self.parameters())
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        schedule = {"scheduler": self.scheduler(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -37,12 +37,32 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+def scaled_accuracies(metrics: dict[str, Any]) -> dict[str, float]:
+    """``test/scaled_acc_len_<L>`` = (acc - 0.5) / 0.5 for every ``test/acc_len_<L>`` (0: chance,
+    1: perfect, as the xLSTM paper reports parity), and ``test/scaled_acc_mean``, their mean."""
+    scaled = {
+        name.replace("test/acc_len_", "test/scaled_acc_len_"): (value - 0.5) / 0.5
+        for name, value in metrics.items()
+        if name.startswith("test/acc_len_")
+    }
+    if scaled:
+        scaled["test/scaled_acc_mean"] = sum(scaled.values()) / len(scaled)
+    return scaled
+
+
 def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
     accuracies = "  ".join(
         f"{'val' if name == 'val/acc' else 'len ' + name.rsplit('_', 1)[1]}: {value:.3f}"
         for name, value in metrics.items()
         if name == "val/acc" or name.startswith("test/acc_len_")
     )
+    if "test/scaled_acc_mean" in metrics:
+        accuracies += "\n  scaled    " + "  ".join(
+            f"len {name.rsplit('_', 1)[1]}: {value:.3f}"
+            for name, value in metrics.items()
+            if name.startswith("test/scaled_acc_len_")
+        )
+        accuracies += f"  mean: {metrics['test/scaled_acc_mean']:.3f}   ((acc - 0.5) / 0.5)"
     if "test/exact_until" in metrics:
         accuracies += (
             f"\n  lengths   exact up to {metrics['test/exact_until']} bits, mean accuracy beyond "
@@ -91,6 +111,7 @@ def train(
         optimizer=instantiate(cfg.optimizer),
         supervision=cfg.data.supervision,
         eval_names=datamodule.eval_names,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None,
     )
     logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
     solved = SolvedTracker(cfg.eval.stop_when_solved)
@@ -116,6 +137,7 @@ def train(
     for results in trainer.test(module, datamodule=datamodule, verbose=False):
         metrics.update(results)
     metrics["solved"] = all(v == 1.0 for k, v in metrics.items() if "acc" in k)
+    metrics.update(scaled_accuracies(metrics))
     metrics["solved_step"] = solved.solved_step
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
