@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from parity_lab.config import ConfigError, validate
-from parity_lab.models import LinearRNN
+from parity_lab.data import make_batch
+from parity_lab.evaluate import accuracy_at_length
+from parity_lab.models import LinearRNN, ParityRNN
+from parity_lab.models.handset import handset_linear_rnn
 from parity_lab.models.linear_rnn import linear_scan
 from tests.conftest import compose_config
+from tests.test_science import every_string
 
 
 def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
@@ -75,3 +80,64 @@ def test_config_rejects_unknown_eigenvalues_before_training() -> None:
     with pytest.raises(ConfigError, match=r"^model.eigenvalues='complex' is invalid: allowed"):
         validate(cfg)
     validate(compose_config("model=linear_rnn_signed"))
+
+
+def test_handset_linear_rnn_is_exact_on_every_string_up_to_14() -> None:
+    bits, lengths = every_string(14)
+    batch = make_batch(bits, lengths, "bit")
+    model = handset_linear_rnn()
+    with torch.no_grad():
+        logits = model.final_logits(model(batch.x, batch.lengths), batch.lengths)
+    assert torch.equal((logits > 0).long(), bits.sum(dim=1) % 2)
+    assert isinstance(model.rnn, LinearRNN) and model.rnn.hidden_size == 1
+
+
+def test_handset_linear_rnn_is_exact_at_a_million_bits() -> None:
+    assert accuracy_at_length(handset_linear_rnn(), 1_000_000, num_strings=16, seed=0) == 1.0
+
+
+def ones_logits(model: ParityRNN, longest: int) -> torch.Tensor:
+    """The logit after each prefix of ``1^longest``: on 1, 11, 111, ..."""
+    return model(torch.ones(1, longest, 1), torch.tensor([longest]))[0]
+
+
+def test_one_unit_positive_linear_rnn_cannot_be_exact() -> None:
+    """Module doc of handset: on ``1^n`` the positive model's logit is monotone in ``n``, so it is
+    wrong on one of 1, 11, 111. Checked on many random settings and after gradient descent on
+    exactly those three strings."""
+    torch.manual_seed(0)
+    for _ in range(300):
+        model = ParityRNN(LinearRNN, 1, 1, eigenvalues="positive")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(std=5.0)
+            logits = ones_logits(model, 3)
+        assert not torch.equal((logits > 0).long(), torch.tensor([1, 0, 1]))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = ParityRNN(LinearRNN, 1, 1, eigenvalues="positive")
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(300):
+            loss = F.binary_cross_entropy_with_logits(
+                ones_logits(model, 3), torch.tensor([1.0, 0.0, 1.0])
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        assert not torch.equal((ones_logits(model, 3) > 0).long(), torch.tensor([1, 0, 1]))
+    signed = handset_linear_rnn()
+    assert torch.equal((ones_logits(signed, 3) > 0).long(), torch.tensor([1, 0, 1]))
+
+
+@pytest.mark.parametrize("hidden_size", [2, 3])
+def test_positive_linear_rnn_logit_on_ones_changes_sign_at_most_hidden_size_times(
+    hidden_size: int,
+) -> None:
+    torch.manual_seed(hidden_size)
+    for _ in range(300):
+        model = ParityRNN(LinearRNN, 1, hidden_size, eigenvalues="positive")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(std=5.0)
+            signs = ones_logits(model, 40) > 0
+        assert (signs[1:] != signs[:-1]).sum() <= hidden_size
