@@ -8,12 +8,18 @@ predicts what the network predicts at 99% of positions (the fidelity criterion o
 extraction). Reports whether it is the 2-state parity automaton. Writes
 ``analysis/automaton.json`` and ``analysis/trajectories.png`` (states projected on their first
 two principal components) into the run directory, and the figure to TensorBoard.
+
+For linear RNNs it also shows the learned transition values ``a_t`` read on a 0 and on a 1
+(``analysis/transitions.json`` and ``.png``): parity needs a unit with ``a(0) = 1`` and
+``a(1) = -1``; ``|a| < 1`` on either bit makes the state leak, which bounds the length to which
+the network stays exact.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,9 +75,12 @@ class Analysis:
 
 
 def state_vector(state: Any) -> torch.Tensor:
-    """A recurrent state in torch's format (a tensor, or ``(h, c)``) as ``(batch, features)``."""
-    parts = state if isinstance(state, tuple) else (state,)
-    return torch.cat([p.permute(1, 0, 2).flatten(1) for p in parts], dim=1)
+    """A recurrent state as ``(batch, features)``: a tensor with the batch on dim 1 (torch's
+    ``(layers, batch, hidden)``, or a matrix memory ``(layers, batch, heads, d, d)``), or a
+    tuple or list of them, nested or not (an LSTM's ``(h, c)``, an sLSTM's ``(h, c, n, m)``)."""
+    if isinstance(state, tuple | list):
+        return torch.cat([state_vector(part) for part in state], dim=1)
+    return state.transpose(0, 1).flatten(1)
 
 
 @torch.no_grad()
@@ -86,6 +95,83 @@ def collect_states(
         states.append(state_vector(state))
         logits.append(logit[:, 0])
     return torch.stack(states, dim=1), torch.stack(logits, dim=1)
+
+
+@dataclass
+class Transitions:
+    """Transition values ``a_t`` of one linear-RNN layer, split by the bit read at ``t``:
+    ``per_unit[bit]`` each unit's mean, ``quantiles[bit]`` over every unit and position at
+    ``QUANTILES``. A parity unit has ``a(0) = 1`` (keep) and ``a(1) = -1`` (flip)."""
+
+    layer: int
+    per_unit: dict[int, list[float]]
+    quantiles: dict[int, list[float]]
+    values: dict[int, torch.Tensor]  # every a_t read on that bit, (positions x units,)
+
+    def flip_unit(self) -> int:
+        """The unit closest to the parity flip, ``|a(0) - 1| + |a(1) + 1|`` smallest."""
+        distance = [
+            abs(keep - 1) + abs(flip + 1)
+            for keep, flip in zip(self.per_unit[0], self.per_unit[1], strict=True)
+        ]
+        return min(range(len(distance)), key=distance.__getitem__)
+
+    def half_life(self, unit: int) -> float:
+        """Random bits after which ``unit`` keeps half of what it held: ``|a_t|`` multiply, so
+        ``ln 2 / -mean(ln |a|)`` over equally likely bits; ``inf`` when ``|a(0)| = |a(1)| = 1``."""
+        logs = [math.log(max(abs(self.per_unit[bit][unit]), 1e-30)) for bit in (0, 1)]
+        rate = -sum(logs) / 2
+        return math.inf if rate <= 0 else math.log(2) / rate
+
+
+QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)
+
+
+@torch.no_grad()
+def transition_values(model: ParityRNN, bits: torch.Tensor, encoding: str) -> list[Transitions]:
+    """Each layer's ``a_t`` on ``bits (batch, time)``, for cores made of layers with a
+    ``transition(x) -> (a, ...)`` (parity_lab's linear RNNs); ``[]`` for any other core."""
+    layers = getattr(model.rnn, "layers", None)
+    if layers is None or not all(hasattr(layer, "transition") for layer in layers):
+        return []
+    x = encode(bits, torch.full((bits.shape[0],), bits.shape[1]), encoding)
+    found = []
+    for number, layer in enumerate(layers):
+        a = layer.transition(x)[0]  # (batch, time, units)
+        values = {bit: a[bits == bit] for bit in (0, 1)}  # (positions, units)
+        q = torch.tensor(QUANTILES)
+        found.append(
+            Transitions(
+                number,
+                {bit: v.mean(dim=0).tolist() for bit, v in values.items()},
+                {bit: torch.quantile(v.flatten(), q).tolist() for bit, v in values.items()},
+                {bit: v.flatten() for bit, v in values.items()},
+            )
+        )
+        x = layer(x, None)[0]
+    return found
+
+
+def plot_transitions(found: list[Transitions], title: str) -> Any:
+    """Histograms of ``a_t`` on a 0 and on a 1, one panel per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(found), figsize=(5 * len(found), 3.5), squeeze=False)
+    for ax, layer in zip(axes[0], found, strict=True):
+        bins = torch.linspace(-1, 1, 81).tolist()
+        for bit, colour in ((0, "tab:blue"), (1, "tab:red")):
+            values = layer.values[bit].tolist()
+            ax.hist(values, bins=bins, color=colour, alpha=0.6, label=f"a_t on a {bit}")
+        ax.set_xlim(-1.05, 1.05)
+        ax.set_xlabel("transition value a_t")
+        ax.set_ylabel("units x positions")
+        ax.set_title(f"{title}, layer {layer.layer}")
+        ax.legend(loc="upper center")
+    figure.tight_layout()
+    return figure
 
 
 def kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 50) -> torch.Tensor:
@@ -334,6 +420,40 @@ def plot_trajectories(states: torch.Tensor, bits: torch.Tensor, title: str, show
     return figure
 
 
+def report_transitions(found: list[Transitions], out: Path, title: str, run_dir: Path) -> None:
+    """Print each layer's transition values by input bit; write transitions.json and .png."""
+    print("  transition values a_t by input bit (quantiles 0, 5, 50, 95, 100%):")
+    for layer in found:
+        for bit in (0, 1):
+            spread = " ".join(f"{q:+.4f}" for q in layer.quantiles[bit])
+            print(f"    layer {layer.layer}, on a {bit}: {spread}")
+        unit = layer.flip_unit()
+        keep, flip = layer.per_unit[0][unit], layer.per_unit[1][unit]
+        print(
+            f"    closest to the parity flip: unit {unit}, a(0) = {keep:+.6f}, a(1) = {flip:+.6f};"
+            f" it keeps half its content for {layer.half_life(unit):.4g} random bits"
+        )
+    records = []
+    for t in found:
+        half_life = t.half_life(t.flip_unit())
+        records.append(
+            {
+                "layer": t.layer,
+                "per_unit": t.per_unit,
+                "quantiles": t.quantiles,
+                "flip_unit": t.flip_unit(),
+                "half_life": None if math.isinf(half_life) else half_life,  # None: never leaks
+            }
+        )
+    (out / "transitions.json").write_text(json.dumps(records, indent=2) + "\n")
+    figure = plot_transitions(found, title)
+    figure.savefig(out / "transitions.png", dpi=120)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir)) as writer:
+        writer.add_figure("analysis/transitions", figure)
+
+
 def main(argv: list[str] | None = None) -> Analysis:
     parser = argparse.ArgumentParser(prog="python -m parity_lab.analyze", description=__doc__)
     parser.add_argument("run_dir", type=Path)
@@ -376,6 +496,9 @@ def main(argv: list[str] | None = None) -> Analysis:
     print(f"  agrees with the network on {result.agreement:.4f} of positions")
     verdict = "is" if machine.num_states == 2 and machine.is_parity() else "is NOT"
     print(f"  it {verdict} the 2-state parity automaton; written to {out}")
+    found = transition_values(model, bits, cfg.data.encoding)
+    if found:
+        report_transitions(found, out, title, args.run_dir)
     longest = 10_000
     prefixes = torch.randint(
         0, 2, (args.strings, length), generator=key_generator(cfg.seed, "zero_runs")

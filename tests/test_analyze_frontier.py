@@ -1,0 +1,102 @@
+"""Analysis of the state-tracking families: transitions by input bit, automata of any state."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from parity_lab import analyze
+from parity_lab.data import key_generator
+from parity_lab.models import LinearRNN, ParityRNN
+from parity_lab.models.handset import handset_linear_rnn, handset_lstm
+from tests.conftest import event_tags
+
+
+def random_bits(num: int = 32, length: int = 20) -> torch.Tensor:
+    return torch.randint(0, 2, (num, length), generator=key_generator(0, "test_analyze"))
+
+
+def test_handset_signed_linear_rnn_keeps_on_a_zero_and_flips_on_a_one() -> None:
+    (layer,) = analyze.transition_values(handset_linear_rnn(), random_bits(), "bit")
+    assert layer.per_unit == {0: [1.0], 1: [-1.0]}  # exactly: float32 saturates the gates
+    assert layer.quantiles[0] == [1.0] * 5 and layer.quantiles[1] == [-1.0] * 5
+    assert layer.flip_unit() == 0 and math.isinf(layer.half_life(0))
+
+
+def test_positive_linear_rnn_transitions_stay_in_zero_one_and_leak() -> None:
+    torch.manual_seed(0)
+    model = ParityRNN(LinearRNN, input_size=1, hidden_size=4, num_layers=2)
+    bits = random_bits()
+    found = analyze.transition_values(model, bits, "bit")
+    assert [layer.layer for layer in found] == [0, 1]
+    for layer in found:
+        for bit in (0, 1):
+            assert layer.values[bit].numel() == int((bits == bit).sum()) * 4
+            assert layer.quantiles[bit][0] > 0 and layer.quantiles[bit][-1] <= 1
+        assert layer.half_life(layer.flip_unit()) < math.inf
+
+
+def test_half_life_of_a_leaking_unit() -> None:
+    layer = analyze.Transitions(0, {0: [0.5], 1: [-0.5]}, {}, {})
+    assert layer.half_life(0) == pytest.approx(1.0)  # |a| = 1/2 per bit: half after one bit
+
+
+def test_cores_without_transitions_have_none() -> None:
+    assert analyze.transition_values(handset_lstm(), random_bits(), "bit") == []
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        torch.zeros(2, 5, 3),  # (layers, batch, hidden)
+        (torch.zeros(1, 5, 3), torch.zeros(1, 5, 3)),  # LSTM (h, c)
+        torch.zeros(1, 5, 2, 4, 4),  # matrix memory (layers, batch, heads, d, d)
+        ((torch.zeros(1, 5, 3), torch.zeros(1, 5, 2, 2)), [torch.zeros(1, 5, 1)]),  # nested
+    ],
+)
+def test_state_vector_flattens_any_state_to_batch_by_features(state: object) -> None:
+    def size(part: object) -> int:
+        if isinstance(part, tuple | list):
+            return sum(size(p) for p in part)
+        return part[:, 0].numel()
+
+    assert analyze.state_vector(state).shape == (5, size(state))
+
+
+def test_state_vector_keeps_each_strings_state_in_its_row() -> None:
+    h = torch.arange(2 * 3 * 4, dtype=torch.float).view(2, 3, 4)  # (layers, batch, hidden)
+    matrix = torch.arange(3 * 4, dtype=torch.float).view(1, 3, 2, 2)
+    rows = analyze.state_vector((h, matrix))
+    assert torch.equal(rows[1], torch.cat([h[0, 1], h[1, 1], matrix[0, 1].flatten()]))
+
+
+def test_analyze_finds_the_parity_automaton_of_the_signed_linear_rnn() -> None:
+    result, _, _ = analyze.analyze(handset_linear_rnn(), num_strings=64, length=30)
+    assert result.automaton.num_states == 2 and result.automaton.is_parity()
+    assert result.agreement == 1.0
+
+
+def test_analyze_command_shows_transitions_of_a_linear_rnn_run(
+    make_config, tmp_path: Path, capsys
+) -> None:
+    cfg = make_config("model=linear_rnn_signed", "model.hidden_size=1")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "checkpoints").mkdir()
+    state = {f"model.{k}": v for k, v in handset_linear_rnn().state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 0}, tmp_path / "checkpoints" / "last.ckpt")
+
+    analyze.main([str(tmp_path), "--strings", "32"])
+    printed = capsys.readouterr().out
+    assert "layer 0, on a 0: +1.0000 +1.0000 +1.0000 +1.0000 +1.0000" in printed
+    assert "layer 0, on a 1: -1.0000 -1.0000 -1.0000 -1.0000 -1.0000" in printed
+    assert "unit 0, a(0) = +1.000000, a(1) = -1.000000" in printed
+    saved = json.loads((tmp_path / "analysis" / "transitions.json").read_text())
+    assert saved[0]["per_unit"] == {"0": [1.0], "1": [-1.0]} and saved[0]["half_life"] is None
+    assert (tmp_path / "analysis" / "transitions.png").stat().st_size > 0
+    assert "analysis/transitions" in event_tags(tmp_path, "images")
