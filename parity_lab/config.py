@@ -128,9 +128,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.lengths={lengths} is invalid: expected a list of integers >= 1")
     _int(cfg, "eval.num_val", 1)
     _int(cfg, "eval.num_test", 1)
-    stop = _value(cfg, "eval.stop_when_solved")
-    if not isinstance(stop, bool):
-        raise ConfigError(f"eval.stop_when_solved={stop!r} is invalid: expected true or false")
+    for key in ("eval.stop_when_solved", "eval.curve.only_solved"):
+        flag = _value(cfg, key)
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{key}={flag!r} is invalid: expected true or false")
     _int(cfg, "eval.curve.max_len", 1, optional=True)
     for key in ("dense_until", "per_decade", "num_strings", "chunk_len"):
         _int(cfg, f"eval.curve.{key}", 1)

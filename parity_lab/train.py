@@ -141,7 +141,7 @@ def train(
     metrics["solved_step"] = solved.solved_step
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
-    if cfg.eval.curve.max_len is not None:
+    if cfg.eval.curve.max_len is not None and (metrics["solved"] or not cfg.eval.curve.only_solved):
         metrics.update(
             length_curve(module.model, cfg, run_dir, logger.experiment, metrics["global_step"])
         )

@@ -128,3 +128,22 @@ def test_report_adds_mean_and_best_scaled_accuracy(tmp_path: Path) -> None:
     table = write_report(tmp_path)
     assert "scaled acc (mean over lengths)" in table and "best scaled acc" in table
     assert "| 0.400 ± 0.529 | 1.000 |" in table
+
+
+@pytest.mark.parametrize("only_solved", [False, True])
+def test_curve_can_be_kept_for_solved_runs(only_solved: bool, make_config, tmp_path: Path) -> None:
+    cfg = make_config(
+        "+trainer.fast_dev_run=true",  # one step: not solved
+        "eval.curve.max_len=200",
+        "eval.curve.num_strings=8",
+        f"eval.curve.only_solved={only_solved}",
+    )
+    metrics = train(cfg, run_dir=tmp_path)
+    assert not metrics["solved"]
+    assert ("test/exact_until" in metrics) is not only_solved
+    assert (tmp_path / "length_curve.png").is_file() is not only_solved
+
+
+def test_curve_only_solved_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match=r"^eval.curve.only_solved='often' is invalid: expected"):
+        validate(compose_config("eval.curve.only_solved=often"))
