@@ -199,6 +199,8 @@ def test_submitit_local_sweep_runs_every_job(tmp_path: Path):
 
 
 MODELS = ["lstm", "gru", "rnn", "lstm_manual", "gru_manual", "rnn_manual"]
+FRONTIER_MODELS = ["linear_rnn", "linear_rnn_signed", "deltanet", "deltanet_signed", "slstm",
+                   "mlstm", "transformer", "rnn", "lstm", "gru"]  # fmt: skip
 STORED_SWEEPS = {
     "hidden_lr": {
         "model.hidden_size": "1,2,4,8,16",
@@ -210,6 +212,11 @@ STORED_SWEEPS = {
         "experiment": "openai_fixed50,openai_variable50",
         "model": ",".join(MODELS),
         "seed": "range(5)",
+    },
+    "frontier": {
+        "seed": "range(5)",
+        "experiment": "state_tracking_1to40,state_tracking",
+        "model": ",".join(FRONTIER_MODELS),
     },
 }
 
@@ -228,7 +235,7 @@ def test_stored_sweep_composes_every_job(name: str):
         jobs = expand_sweep(params, [f"sweep={name}"])
         for overrides in {tuple(o for o in job if not o.startswith("seed=")) for job in jobs}:
             validate(compose("config", overrides=list(overrides)))
-    assert len(jobs) == {"hidden_lr": 60, "lengths": 36, "rfr": 60}[name]
+    assert len(jobs) == {"hidden_lr": 60, "lengths": 36, "rfr": 60, "frontier": 100}[name]
 
 
 def test_rfr_sweep_trains_each_model_on_each_openai_setting():
@@ -319,3 +326,15 @@ def test_report_adds_length_curve_columns_when_measured(tmp_path: Path) -> None:
     table = write_report(tmp_path)
     assert "exact up to (bits, per job)" in table and "acc beyond training" in table
     assert "| 0.500 | 1000000 |" in table.replace("model=lstm", "") and "| 0.750 | 251 |" in table
+
+
+def test_frontier_sweep_runs_every_family_on_both_length_ranges():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for experiment, min_len in [("state_tracking", 3), ("state_tracking_1to40", 1)]:
+            for model in FRONTIER_MODELS:
+                overrides = ["sweep=frontier", f"experiment={experiment}", f"model={model}"]
+                cfg = compose("config", overrides=overrides)
+                reference = compose("config", overrides=[f"model={model}"])
+                assert cfg.model == reference.model  # the model's own settings, not the lstm's
+                assert (cfg.data.min_len, cfg.data.max_len) == (min_len, 40)
+                assert cfg.eval.curve.max_len == 1_000_000 and cfg.eval.curve.only_solved
