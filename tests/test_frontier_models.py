@@ -9,7 +9,8 @@ from torch.nn import functional as F
 from parity_lab.config import ConfigError, validate
 from parity_lab.data import make_batch
 from parity_lab.evaluate import accuracy_at_length
-from parity_lab.models import LinearRNN, ParityRNN
+from parity_lab.models import DeltaNet, LinearRNN, ParityRNN
+from parity_lab.models.deltanet import delta_rule
 from parity_lab.models.handset import handset_linear_rnn
 from parity_lab.models.linear_rnn import linear_scan
 from tests.conftest import compose_config
@@ -141,3 +142,36 @@ def test_positive_linear_rnn_logit_on_ones_changes_sign_at_most_hidden_size_time
                 p.normal_(std=5.0)
             signs = ones_logits(model, 40) > 0
         assert (signs[1:] != signs[:-1]).sum() <= hidden_size
+
+
+def test_delta_rule_equals_its_matrix_definition() -> None:
+    """S_t = S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t, in float64."""
+    generator = torch.Generator().manual_seed(0)
+    batch, steps, dim = 2, 5, 3
+    q, k, v = (
+        torch.randn(batch, steps, dim, generator=generator, dtype=torch.float64) for _ in "qkv"
+    )
+    k = F.normalize(k, dim=-1)
+    beta = 2 * torch.rand(batch, steps, 1, generator=generator, dtype=torch.float64)
+    state = torch.randn(batch, dim, dim, generator=generator, dtype=torch.float64)
+    outputs, last = delta_rule(q, k, v, beta, state)
+    s = state
+    for t in range(steps):
+        kt, vt, bt = k[:, t, :, None], v[:, t, :, None], beta[:, t, :, None]
+        s = s @ (torch.eye(dim, dtype=torch.float64) - bt * kt @ kt.mT) + bt * vt @ kt.mT
+        torch.testing.assert_close(outputs[:, t], (s @ q[:, t, :, None]).squeeze(2))
+    torch.testing.assert_close(last, s)
+
+
+@pytest.mark.parametrize("eigenvalues", ["positive", "signed"])
+def test_deltanet_transition_eigenvalues_lie_in_their_documented_range(eigenvalues: str) -> None:
+    torch.manual_seed(0)
+    layer = DeltaNet(1, 4, eigenvalues=eigenvalues).layers[0]
+    with torch.no_grad():
+        layer.in_proj.weight.normal_(std=10.0)
+        _, k, _, beta, _ = layer.projections(torch.randn(1, 500, 1))
+    transitions = torch.eye(4) - beta[0, :, :, None] * k[0, :, :, None] * k[0, :, None, :]
+    eigenvalues_found = torch.linalg.eigvalsh(transitions)
+    low = 0.0 if eigenvalues == "positive" else -1.0
+    assert eigenvalues_found.min() >= low - 1e-6 and eigenvalues_found.max() <= 1 + 1e-6
+    assert (eigenvalues_found.min() < -0.5) == (eigenvalues == "signed")

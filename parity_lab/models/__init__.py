@@ -2,7 +2,8 @@
 state-tracking families (linear RNNs, DeltaNet, xLSTM cells, a Transformer)."""
 
 from parity_lab.models.classifier import ParityRNN
+from parity_lab.models.deltanet import DeltaNet
 from parity_lab.models.linear_rnn import LinearRNN
 from parity_lab.models.manual import ManualGRU, ManualLSTM, ManualRNN
 
-__all__ = ["LinearRNN", "ManualGRU", "ManualLSTM", "ManualRNN", "ParityRNN"]
+__all__ = ["DeltaNet", "LinearRNN", "ManualGRU", "ManualLSTM", "ManualRNN", "ParityRNN"]
