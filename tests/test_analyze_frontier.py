@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from parity_lab import analyze
 from parity_lab.data import key_generator
 from parity_lab.models import LinearRNN, ParityRNN
 from parity_lab.models.handset import handset_linear_rnn, handset_lstm
-from tests.conftest import event_tags
+from tests.conftest import CONF, compose_config, event_tags
 
 
 def random_bits(num: int = 32, length: int = 20) -> torch.Tensor:
@@ -100,3 +101,19 @@ def test_analyze_command_shows_transitions_of_a_linear_rnn_run(
     assert saved[0]["per_unit"] == {"0": [1.0], "1": [-1.0]} and saved[0]["half_life"] is None
     assert (tmp_path / "analysis" / "transitions.png").stat().st_size > 0
     assert "analysis/transitions" in event_tags(tmp_path, "images")
+
+
+RECURRENT = sorted(
+    path.stem for path in (CONF / "model").glob("*.yaml") if path.stem != "transformer"
+)
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_automaton_extraction_runs_on_every_recurrent_family(name: str) -> None:
+    """Whatever the state (vector, (h, c), matrix memory), it clusters into an automaton whose
+    predictions are compared with the network's."""
+    torch.manual_seed(0)
+    model = instantiate(compose_config(f"model={name}", "model.hidden_size=4").model)
+    result, states, bits = analyze.analyze(model, num_strings=16, length=8, max_clusters=3)
+    assert states.shape[:2] == bits.shape == (16, 8)
+    assert 1 <= result.clusters <= 3 and 0.0 <= result.agreement <= 1.0
