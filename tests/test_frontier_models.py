@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from parity_lab.config import ConfigError, validate
 from parity_lab.data import make_batch
 from parity_lab.evaluate import accuracy_at_length
-from parity_lab.models import DeltaNet, LinearRNN, ParityRNN
+from parity_lab.models import MLSTM, SLSTM, DeltaNet, LinearRNN, ParityRNN
 from parity_lab.models.deltanet import delta_rule
 from parity_lab.models.handset import handset_linear_rnn
 from parity_lab.models.linear_rnn import linear_scan
@@ -175,3 +175,57 @@ def test_deltanet_transition_eigenvalues_lie_in_their_documented_range(eigenvalu
     low = 0.0 if eigenvalues == "positive" else -1.0
     assert eigenvalues_found.min() >= low - 1e-6 and eigenvalues_found.max() <= 1 + 1e-6
     assert (eigenvalues_found.min() < -0.5) == (eigenvalues == "signed")
+
+
+def test_slstm_equals_its_unstabilised_equations() -> None:
+    """The stabiliser only rescales c and n: h is that of c = f c + exp(i~) z, n = f n + exp(i~),
+    h = o c / n, computed directly (float64, moderate pre-activations)."""
+    torch.manual_seed(0)
+    core = SLSTM(2, 3, num_layers=1).double()
+    x = torch.randn(4, 9, 2, dtype=torch.float64)
+    outputs, _ = core(x)
+    weight_ih, weight_hh, bias_ih, bias_hh = core.layer_weights(0)
+    h = c = n = torch.zeros(4, 3, dtype=torch.float64)
+    for t in range(9):
+        gates = x[:, t] @ weight_ih.T + bias_ih + h @ weight_hh.T + bias_hh
+        i_raw, f_raw, z_raw, o_raw = gates.chunk(4, dim=1)
+        f = torch.sigmoid(f_raw)
+        c = f * c + torch.exp(i_raw) * torch.tanh(z_raw)
+        n = f * n + torch.exp(i_raw)
+        h = torch.sigmoid(o_raw) * c / n
+        torch.testing.assert_close(outputs[:, t], h)
+
+
+def test_slstm_stays_finite_with_extreme_gates() -> None:
+    """Input-gate pre-activations of +-500 overflow exp() without the stabiliser."""
+    torch.manual_seed(0)
+    core = SLSTM(1, 2)
+    with torch.no_grad():
+        core.weight_ih_l0.mul_(1000.0)
+    pattern = torch.tensor([1.0, -1.0, 0.5, -0.5] * 10)
+    x = torch.stack([pattern, -pattern]).unsqueeze(2)  # each unit starts at i~ near -500 once
+    outputs, state = core(x.requires_grad_())
+    outputs.sum().backward()
+    assert torch.isfinite(outputs).all() and all(torch.isfinite(s).all() for s in state)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_mlstm_equals_its_unstabilised_equations() -> None:
+    """C = f C + exp(i~) v k^T, n = f n + exp(i~) k, h = o * C q / max(|n^T q|, 1), computed
+    directly (float64), then the output projection."""
+    torch.manual_seed(0)
+    core = MLSTM(2, 3).double()
+    layer = core.layers[0]
+    x = torch.randn(4, 9, 2, dtype=torch.float64)
+    outputs, _ = core(x)
+    q, k, v, o, i_raw, f_raw = layer.in_proj(x).split([3] * 4 + [1, 1], dim=-1)
+    k = k / 3**0.5
+    memory = torch.zeros(4, 3, 3, dtype=torch.float64)
+    normaliser = torch.zeros(4, 3, dtype=torch.float64)
+    for t in range(9):
+        f, i = torch.sigmoid(f_raw[:, t]), torch.exp(i_raw[:, t])
+        memory = f[:, :, None] * memory + i[:, :, None] * v[:, t, :, None] * k[:, t, None, :]
+        normaliser = f * normaliser + i * k[:, t]
+        denominator = (normaliser * q[:, t]).sum(-1, keepdim=True).abs().clamp(min=1.0)
+        h = torch.sigmoid(o[:, t]) * (memory @ q[:, t, :, None]).squeeze(2) / denominator
+        torch.testing.assert_close(outputs[:, t], layer.out_proj(h))

@@ -5,5 +5,16 @@ from parity_lab.models.classifier import ParityRNN
 from parity_lab.models.deltanet import DeltaNet
 from parity_lab.models.linear_rnn import LinearRNN
 from parity_lab.models.manual import ManualGRU, ManualLSTM, ManualRNN
+from parity_lab.models.mlstm import MLSTM
+from parity_lab.models.slstm import SLSTM
 
-__all__ = ["DeltaNet", "LinearRNN", "ManualGRU", "ManualLSTM", "ManualRNN", "ParityRNN"]
+__all__ = [
+    "MLSTM",
+    "SLSTM",
+    "DeltaNet",
+    "LinearRNN",
+    "ManualGRU",
+    "ManualLSTM",
+    "ManualRNN",
+    "ParityRNN",
+]
