@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn import functional as F
 
 from parity_lab.config import ConfigError, validate
-from parity_lab.data import make_batch
+from parity_lab.data import make_batch, sample_bits
 from parity_lab.evaluate import accuracy_at_length
-from parity_lab.models import MLSTM, SLSTM, DeltaNet, LinearRNN, ParityRNN
+from parity_lab.models import MLSTM, SLSTM, CausalTransformer, DeltaNet, LinearRNN, ParityRNN
 from parity_lab.models.deltanet import delta_rule
 from parity_lab.models.handset import handset_linear_rnn
 from parity_lab.models.linear_rnn import linear_scan
+from parity_lab.train import train
 from tests.conftest import compose_config
 from tests.test_science import every_string
 
@@ -229,3 +233,63 @@ def test_mlstm_equals_its_unstabilised_equations() -> None:
         denominator = (normaliser * q[:, t]).sum(-1, keepdim=True).abs().clamp(min=1.0)
         h = torch.sigmoid(o[:, t]) * (memory @ q[:, t, :, None]).squeeze(2) / denominator
         torch.testing.assert_close(outputs[:, t], layer.out_proj(h))
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "none"])
+def test_transformer_is_causal_and_chunkable_with_every_position_code(positional: str) -> None:
+    torch.manual_seed(0)
+    model = ParityRNN(CausalTransformer, 1, 8, num_layers=2, positional=positional, max_len=16)
+    bits, lengths = sample_bits(torch.Generator().manual_seed(0), 6, 1, 12)
+    batch = make_batch(bits, lengths, "bit")
+    garbage = batch.x.clone()
+    padding = torch.arange(batch.x.shape[1]) >= batch.lengths[:, None]
+    garbage[padding] = 7.0
+    whole = model(batch.x, batch.lengths)
+    torch.testing.assert_close(model(garbage, batch.lengths)[~padding], whole[~padding])
+    first, state = model.run(batch.x[:, :5])
+    second, state = model.run(batch.x[:, 5:], state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole)
+    assert state.shape[1] == 12  # the state is the input seen so far
+    with pytest.raises(
+        ValueError, match=r"^a string of 17 positions is longer than model.max_len=16"
+    ):
+        model.run(torch.zeros(6, 5, 1), state)
+
+
+def test_transformer_rejects_bad_options() -> None:
+    with pytest.raises(ValueError, match=r"^model.positional='rotary' is invalid: allowed"):
+        CausalTransformer(1, 8, positional="rotary")
+    with pytest.raises(ValueError, match=r"^model.num_heads=3 is invalid: expected a divisor"):
+        CausalTransformer(1, 8, num_heads=3)
+    with pytest.raises(
+        ConfigError, match=r"^model.max_len=10 is invalid: expected an integer >= 20"
+    ):
+        validate(compose_config("model=transformer", "model.max_len=10", "data.max_len=20"))
+
+
+def test_lengths_beyond_transformer_max_len_are_skipped_and_never_solved(
+    make_config, tmp_path: Path, capsys
+) -> None:
+    """A run whose eval lengths exceed the Transformer's max_len trains, evaluates the others,
+    records the skipped ones apart, and does not count as solved even at 100% elsewhere."""
+    cfg = make_config(
+        "model=transformer",
+        "model.max_len=24",
+        "data.max_len=4",
+        "eval.lengths=[4,30]",
+        "eval.curve.max_len=40",
+        "eval.curve.dense_until=10",
+        "eval.curve.num_strings=16",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=1",
+    )
+    metrics = train(cfg, run_dir=tmp_path)
+    assert "test/acc_len_4" in metrics and "test/acc_len_30" not in metrics
+    assert metrics["test/skipped_lengths"] == [30]
+    assert metrics["solved"] is False and metrics["solved_step"] is None
+    assert max(int(n) for n in metrics["length_curve"]) <= 24
+    assert metrics["length_curve_skipped"] and min(metrics["length_curve_skipped"]) > 24
+    assert json.loads((tmp_path / "metrics.json").read_text())["test/skipped_lengths"] == [30]
+    printed = capsys.readouterr().out
+    assert "skips lengths [30]: longer than model.max_len=24" in printed
+    assert "the length curve skips lengths" in printed
