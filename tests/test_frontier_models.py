@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.nn import functional as F
 
+from parity_lab import predict
 from parity_lab.config import ConfigError, validate
 from parity_lab.data import make_batch, sample_bits
 from parity_lab.evaluate import accuracy_at_length
@@ -293,3 +295,9 @@ def test_lengths_beyond_transformer_max_len_are_skipped_and_never_solved(
     printed = capsys.readouterr().out
     assert "skips lengths [30]: longer than model.max_len=24" in printed
     assert "the length curve skips lengths" in printed
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as Hydra records a run
+    predict.main([str(tmp_path), "0110"])
+    assert capsys.readouterr().out.startswith("0110\t")
+    with pytest.raises(SystemExit, match="a string of 25 bits is longer than model.max_len=24"):
+        predict.main([str(tmp_path), "0110", "1" * 25])
