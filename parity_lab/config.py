@@ -74,6 +74,8 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "model.compile", COMPILE_MODES)
     if "eigenvalues" in cfg.model:  # linear_rnn and deltanet only
         _choice(cfg, "model.eigenvalues", EIGENVALUES)
+    if "max_len" in cfg.model:  # the Transformer: it cannot train on longer strings
+        _int(cfg, "model.max_len", cfg.data.max_len)
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
     if cfg.data.min_len > cfg.data.max_len:

@@ -7,10 +7,12 @@ from parity_lab.models.linear_rnn import LinearRNN
 from parity_lab.models.manual import ManualGRU, ManualLSTM, ManualRNN
 from parity_lab.models.mlstm import MLSTM
 from parity_lab.models.slstm import SLSTM
+from parity_lab.models.transformer import CausalTransformer
 
 __all__ = [
     "MLSTM",
     "SLSTM",
+    "CausalTransformer",
     "DeltaNet",
     "LinearRNN",
     "ManualGRU",

@@ -50,6 +50,11 @@ class ParityRNN(nn.Module):
             torch.compile(self.run, mode=compile, dynamic=False) if compile else None
         )
 
+    @property
+    def max_len(self) -> int | None:
+        """The longest string the core reads (a Transformer's ``max_len``); None: any length."""
+        return getattr(self.rnn, "max_len", None)
+
     def run(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits for a chunk of time steps, starting from (and returning) the recurrent state."""
         outputs, state = self.rnn(x, state)
