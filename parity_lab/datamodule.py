@@ -43,6 +43,11 @@ class ParityDataModule(L.LightningDataModule):
         return ENCODING_SIZES[self.encoding]
 
     @property
+    def batches_per_epoch(self) -> int | None:
+        """Training batches per epoch of a fixed training set; None for fresh strings."""
+        return None if self.num_train is None else -(-self.num_train // self.batch_size)
+
+    @property
     def eval_names(self) -> list[str]:
         """Names of the evaluation sets, in dataloader order: ``val`` then ``len_<L>``."""
         return ["val"] + [f"len_{n}" for n in self.eval_lengths]
