@@ -1,13 +1,16 @@
-"""``python -m parity_lab --help`` comes from conf/hydra/help and lists what a user can choose."""
+"""What a new user reads: ``python -m parity_lab --help`` (from conf/hydra/help) and the README's
+way to shorten any experiment."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import CONF, ROOT
+from parity_lab.config import validate
+from tests.conftest import CONF, ROOT, compose_config
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 
@@ -53,3 +56,21 @@ def test_main_keys_and_launchers_are_listed(help_text: str) -> None:
         *(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")),
     ]:
         assert f"  {name} " in launchers
+
+
+def shortening_overrides() -> list[str]:
+    """The overrides in the first column of the README's "Shortening any experiment" table."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Shortening any experiment", 1)[1].split("\n## ", 1)[0]
+    return [o for row in re.findall(r"^\| `([^`]+)` \|", section, re.M) for o in row.split()]
+
+
+def test_readme_shortening_overrides_are_real_keys_with_valid_values() -> None:
+    overrides = shortening_overrides()
+    assert {"trainer.max_steps=200", "trainer.max_epochs=1", "data.num_train=10000"} <= set(
+        overrides
+    )
+    for experiment in ("null", "openai_variable50"):
+        cfg = compose_config(f"experiment={experiment}", *overrides)
+        validate(cfg)
+        assert cfg.trainer.max_epochs == 1 and cfg.eval.num_test == 64
