@@ -70,7 +70,7 @@ def test_readme_shortening_overrides_are_real_keys_with_valid_values() -> None:
     assert {"trainer.max_steps=200", "trainer.max_epochs=1", "data.num_train=10000"} <= set(
         overrides
     )
-    for experiment in ("null", "openai_variable50"):
-        cfg = compose_config(f"experiment={experiment}", *overrides)
+    for experiment in ([], ["experiment=openai_variable50"]):
+        cfg = compose_config(*experiment, *overrides)
         validate(cfg)
         assert cfg.trainer.max_epochs == 1 and cfg.eval.num_test == 64
