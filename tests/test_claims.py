@@ -43,6 +43,13 @@ def counter_mod_3() -> Automaton:
     return Automaton(START, transitions, {START: 0, 0: 0, 1: 1, 2: 0})
 
 
+def zeros_mod_3() -> Automaton:
+    """``counter_mod_3`` counting 0s instead: blind to 0s, a minimisation merges its states."""
+    counter = counter_mod_3()
+    transitions = {s: (on_1, on_0) for s, (on_0, on_1) in counter.transitions.items()}
+    return Automaton(START, transitions, counter.outputs)
+
+
 def redundant_parity() -> Automaton:
     """Parity with each of its two states split in two (even: 0, 2; odd: 1, 3)."""
     transitions = {START: (0, 1), 0: (2, 1), 1: (3, 2), 2: (0, 3), 3: (1, 0)}
@@ -50,7 +57,8 @@ def redundant_parity() -> Automaton:
 
 
 @pytest.mark.parametrize(
-    ("build", "states", "parity"), [(counter_mod_3, 3, False), (redundant_parity, 2, True)]
+    ("build", "states", "parity"),
+    [(counter_mod_3, 3, False), (zeros_mod_3, 3, False), (redundant_parity, 2, True)],
 )
 def test_minimisation_gives_the_known_minimal_automaton(
     build: Callable[[], Automaton], states: int, parity: bool
