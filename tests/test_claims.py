@@ -26,6 +26,7 @@ from parity_lab.evaluate import accuracy_at_length, accuracy_by_length, curve_le
 from parity_lab.models import ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn
 from parity_lab.report import write_report
+from parity_lab.train import train
 from tests.conftest import compose_config
 
 # --- automaton minimisation ------------------------------------------------------------------
@@ -183,19 +184,32 @@ def test_stop_when_solved_waits_for_every_accuracy() -> None:
     assert (tracker.solved_step, steps) == (20, 20)
 
 
+def test_run_perfect_on_training_lengths_only_is_not_solved(make_config, tmp_path: Path) -> None:
+    """Trained on length 1 alone, the network is perfect there (val/acc) and at chance on length
+    30: the run neither stops nor counts as solved, and it has no solved_step."""
+    cfg = make_config(
+        "data.min_len=1", "data.max_len=1", "eval.lengths=[30]", "trainer.max_steps=150"
+    )
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["val/acc"] == 1.0 and metrics["test/acc_len_30"] < 0.75
+    assert not metrics["solved"] and metrics["solved_step"] is None
+    assert metrics["global_step"] == 150
+
+
 # --- the sweep's success rate ----------------------------------------------------------------
 
 
-def test_success_rate_counts_finished_runs_only(tmp_path: Path) -> None:
-    """Seeds 0 and 1 finished (one solved at step 300, one not), seed 2 failed: 1 of 2 runs solved
-    (0.50, not 1 of 3), and the median steps to solve is the solved run's."""
-    for seed, metrics in enumerate(
-        [
-            {"val/acc": 1.0, "solved": True, "solved_step": 300},
-            {"val/acc": 0.5, "solved": False, "solved_step": None},
-            None,
-        ]
-    ):
+def test_success_rate_and_median_steps_count_the_right_runs(tmp_path: Path) -> None:
+    """Four seeds of one configuration: two solved (at steps 300 and 500), one finished unsolved
+    though it was perfect at a validation mid-run (solved_step 100), one failed. Success rate is
+    2 of the 3 finished runs, not of all 4; the median steps to solve is over the solved runs."""
+    runs = [
+        {"val/acc": 1.0, "solved": True, "solved_step": 300},
+        {"val/acc": 1.0, "solved": True, "solved_step": 500},
+        {"val/acc": 0.9, "solved": False, "solved_step": 100},
+        None,
+    ]
+    for seed, metrics in enumerate(runs):
         job = tmp_path / f"{seed}_seed={seed}"
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- model=lstm\n- seed={seed}\n")
@@ -205,9 +219,9 @@ def test_success_rate_counts_finished_runs_only(tmp_path: Path) -> None:
             (job / "metrics.json").write_text(json.dumps({**metrics, "test/acc_len_50": 0.5}))
     header, _, row = write_report(tmp_path).splitlines()
     columns = dict(zip(header.split(" | "), row.split(" | "), strict=True))
-    assert columns["runs ok"] == "2/3" and columns["solved"] == "1"
-    assert columns["success rate"] == "0.50"
-    assert columns["median steps to solve"] == "300"
+    assert columns["runs ok"] == "3/4" and columns["solved"] == "2"
+    assert columns["success rate"] == "0.67"
+    assert columns["median steps to solve"] == "400"
 
 
 # --- the length curve ------------------------------------------------------------------------
