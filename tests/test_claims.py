@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from parity_lab.analyze import START, Automaton, minimise, run_automaton
+from parity_lab.analyze import START, Automaton, analyze, drift, minimise, run_automaton
 from parity_lab.callbacks import SolvedTracker
 from parity_lab.curve import exact_until, length_curve
 from parity_lab.data import encode
@@ -70,6 +70,34 @@ def test_minimisation_gives_the_known_minimal_automaton(
     assert minimal.is_parity() == parity
     bits = every_string(8)  # same output after every prefix: the same language
     assert torch.equal(run_automaton(minimal, bits), run_automaton(automaton, bits))
+
+
+def one_in_last_two_bits() -> ParityRNN:
+    """A hand-set 2-unit RNN answering whether either of the last two bits is 1: unit 1 holds the
+    bit just read, unit 2 the one before (both +-1); its minimal automaton has 3 states
+    (last two bits 00; 01 or 11; 10), and it is not parity."""
+    k = 120.0
+    model = ParityRNN(nn.RNN, input_size=1, hidden_size=2)
+    with torch.no_grad():
+        model.rnn.weight_ih_l0.copy_(torch.tensor([[2 * k], [0.0]]))
+        model.rnn.weight_hh_l0.copy_(torch.tensor([[0.0, 0.0], [k, 0.0]]))
+        model.rnn.bias_ih_l0.copy_(torch.tensor([-k, 0.0]))
+        model.rnn.bias_hh_l0.zero_()
+        model.head.weight.copy_(torch.tensor([[1.0, 1.0]]))  # h1 + h2 + 1 > 0: a 1 among them
+        model.head.bias.fill_(1.0)
+    return model
+
+
+def test_analyze_extracts_a_known_three_state_automaton() -> None:
+    model = one_in_last_two_bits()
+    result, _, bits = analyze(model, num_strings=64, length=20)
+    truth = ((bits + torch.nn.functional.pad(bits, (1, -1))) > 0).long()
+    with torch.no_grad():
+        lengths = torch.full((64,), 20)
+        assert torch.equal(model(encode(bits, lengths, "bit"), lengths) > 0, truth > 0)
+    assert result.automaton.num_states == 3 and not result.automaton.is_parity()
+    assert result.agreement == 1.0
+    assert torch.equal(run_automaton(result.automaton, bits), truth)
 
 
 # --- hand-set models: exact at any length, proved --------------------------------------------
@@ -129,6 +157,24 @@ def test_handset_model_is_exact_at_every_length(build: Callable[[], ParityRNN], 
                 frontier.append((after, parity ^ bit))
             assert len(seen) <= 8, "reachable states do not close: not a finite automaton"
     assert {parity for _, parity in seen} == {0, 1}
+
+
+@pytest.mark.parametrize("build", [handset_lstm, handset_gru, handset_rnn])
+def test_drift_of_an_exact_model_is_zero_at_every_length(build: Callable[[], ParityRNN]) -> None:
+    """Streams of 10,000 bits end, exactly, in one of the states short strings reach: no drift,
+    every answer right with the full margin, across chunk boundaries."""
+    model = build()
+    _, states, _ = analyze(model, num_strings=32, length=10)
+    centres = states.flatten(0, 1).unique(dim=0)
+    rows = drift(model, centres, [10, 1000, 10_000], num_strings=32, chunk_len=999)
+    assert [row["length"] for row in rows] == [10, 1000, 10_000]
+    assert all(row["accuracy"] == 1.0 and row["max_distance"] == 0.0 for row in rows)
+    assert min(row["min_margin"] for row in rows) > 1.0
+    offset = torch.full((centres.shape[1],), 0.01)  # centres moved: every state 0.01 * sqrt(n) off
+    moved = drift(model, centres + offset, [10, 10_000], num_strings=32, chunk_len=999)
+    assert [row["max_distance"] for row in moved] == pytest.approx(
+        [offset.norm().item()] * 2, rel=1e-3
+    )
 
 
 # --- when a run is solved --------------------------------------------------------------------
