@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from parity_lab.analyze import START, Automaton, analyze, drift, minimise, run_automaton
 from parity_lab.callbacks import SolvedTracker
 from parity_lab.curve import exact_until, length_curve
-from parity_lab.data import encode
+from parity_lab.data import ParityDataModule, encode, eval_set
 from parity_lab.evaluate import accuracy_at_length, accuracy_by_length, curve_lengths
 from parity_lab.models import ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn
@@ -248,11 +248,12 @@ def test_run_perfect_on_training_lengths_only_is_not_solved(make_config, tmp_pat
 def test_success_rate_and_median_steps_count_the_right_runs(tmp_path: Path) -> None:
     """Four seeds of one configuration: two solved (at steps 300 and 500), one finished unsolved
     though it was perfect at a validation mid-run (solved_step 100), one failed. Success rate is
-    2 of the 3 finished runs, not of all 4; the median steps to solve is over the solved runs."""
+    2 of the 3 finished runs, not of all 4; the median steps to solve is over the solved runs; the
+    accuracies are averaged over the finished runs."""
     runs = [
-        {"val/acc": 1.0, "solved": True, "solved_step": 300},
-        {"val/acc": 1.0, "solved": True, "solved_step": 500},
-        {"val/acc": 0.9, "solved": False, "solved_step": 100},
+        {"val/acc": 1.0, "test/acc_len_100": 0.6, "solved": True, "solved_step": 300},
+        {"val/acc": 1.0, "test/acc_len_100": 0.8, "solved": True, "solved_step": 500},
+        {"val/acc": 0.7, "test/acc_len_100": 0.7, "solved": False, "solved_step": 100},
         None,
     ]
     for seed, metrics in enumerate(runs):
@@ -263,11 +264,31 @@ def test_success_rate_and_median_steps_count_the_right_runs(tmp_path: Path) -> N
             (job / "error.txt").write_text("RuntimeError: loss is nan at step 7\n")
         else:
             (job / "metrics.json").write_text(json.dumps({**metrics, "test/acc_len_50": 0.5}))
-    header, _, row = write_report(tmp_path).splitlines()
-    columns = dict(zip(header.split(" | "), row.split(" | "), strict=True))
+    header, _, row = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in write_report(tmp_path).splitlines()
+    ]
+    columns = dict(zip(header, row, strict=True))
     assert columns["runs ok"] == "3/4" and columns["solved"] == "2"
     assert columns["success rate"] == "0.67"
     assert columns["median steps to solve"] == "400"
+    # Means ± std over the finished runs; the longest tested length, not the first.
+    assert columns["val/acc"] == "0.900 ± 0.173"
+    assert columns["acc @ len 100"] == "0.700 ± 0.100"
+    assert columns["not ok"] == "1 failed"
+
+
+def test_evaluation_sets_are_fixed_by_the_seed() -> None:
+    """Each seed has its own held-out strings (the README's 'fixed by the seed'), the same every
+    time they are built."""
+    sets = {}
+    for seed in (1, 2):
+        data = ParityDataModule(1, 20, 16, seed=seed, eval_lengths=[50], num_val=40, num_test=30)
+        sets[seed] = data.eval_sets()
+        again = eval_set(seed, "len_50", 30, 50, 50, "bit")
+        assert torch.equal(sets[seed]["len_50"].x, again.x)
+    for name in ("val", "len_50"):
+        assert not torch.equal(sets[1][name].x, sets[2][name].x)
 
 
 # --- the length curve ------------------------------------------------------------------------
