@@ -323,8 +323,21 @@ def test_length_curve_is_measured_on_the_seeds_strings(tmp_path: Path) -> None:
             always_odd(), lengths, 63, seed, cfg.data.encoding, options.chunk_len
         )
         assert metrics["length_curve"] == {str(n): acc for n, acc in expected.items()}
+        beyond = [acc for n, acc in expected.items() if n > cfg.data.max_len]
+        assert metrics["test/acc_unseen"] == pytest.approx(sum(beyond) / len(beyond))
         curves.append(metrics["length_curve"])
     assert curves[0] != curves[1]
+
+
+def test_length_curve_of_an_exact_model_is_exact_to_its_end(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg = compose_config(
+        "eval.curve.max_len=5000", "eval.curve.num_strings=32", "eval.curve.chunk_len=999"
+    )
+    with SummaryWriter(tmp_path) as writer:
+        metrics = length_curve(handset_lstm(), cfg, tmp_path, writer, step=0)
+    assert metrics["test/exact_until"] == 5000 and metrics["test/acc_unseen"] == 1.0
 
 
 def test_exact_until_is_the_end_of_the_first_perfect_stretch() -> None:
