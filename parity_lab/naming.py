@@ -33,6 +33,14 @@ def _parse(overrides: Iterable[str]) -> list[Any]:
     return OverridesParser.create().parse_overrides(list(overrides))
 
 
+def override_values(overrides: Iterable[str]) -> dict[str, str]:
+    """Command-line overrides as key -> value text, in order (``+model.x=1`` -> ``model.x: 1``);
+    deletions (``~key``) left out."""
+    return {
+        o.key_or_group: o.get_value_element_as_str() for o in _parse(overrides) if not o.is_delete()
+    }
+
+
 def safe(text: str) -> str:
     """``text`` with every character outside ``A-Z a-z 0-9 . _ + = , -`` replaced by ``_`` and no
     ``..``, so that it is one path component that stays where it is put."""
@@ -67,11 +75,7 @@ def override_label(overrides: Iterable[str], exclude_keys: Iterable[str] = ()) -
     ``exclude_keys``: group choices and other top-level keys first, then nested keys, seed last,
     each group in command-line order (which is the same in every job of a sweep)."""
     excluded = set(exclude_keys)
-    values = {
-        o.key_or_group: o.get_value_element_as_str()
-        for o in _parse(overrides)
-        if o.key_or_group not in excluded and not o.is_delete()
-    }
+    values = {k: v for k, v in override_values(overrides).items() if k not in excluded}
 
     def order(key: str) -> int:
         return 2 if key == SEED_KEY else int("." in key)
