@@ -15,7 +15,10 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 MAX_NAME = 48  # characters of a job dir name (or of a single run's suffix)
 HASH_CHARS = 6  # hex digits of the hash that ends a cut name
@@ -27,7 +30,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 SWEEP_KEYS = ("sweep", "hydra.mode", "hydra.sweeper", "hydra/sweeper")
 
 
-def _parse(overrides: Iterable[str]) -> list[Any]:
+def _parse(overrides: Iterable[str]) -> list[Override]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_overrides(list(overrides))
