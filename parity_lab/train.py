@@ -41,7 +41,7 @@ def result_scalars(metrics: dict[str, Any], validated_last_step: bool) -> dict[s
     return scalars
 
 
-def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
+def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_parameters: int) -> str:
     accuracies = "  ".join(
         f"{'val' if name == 'val/acc' else 'len ' + name.rsplit('_', 1)[1]}: {value:.3f}"
         for name, value in metrics.items()
@@ -58,7 +58,8 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
         else "not solved"
     )
     return (
-        f"\n{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden={cfg.model.hidden_size}, lengths "
+        f"\n{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden={cfg.model.hidden_size} "
+        f"({num_parameters:,} parameters), lengths "
         f"{cfg.data.min_len}..{cfg.data.max_len}, {cfg.data.supervision} labels: {solved}; "
         f"{metrics['global_step']} steps in {metrics['train_seconds']:.1f} s\n"
         f"  accuracy  {accuracies}\n"
@@ -101,7 +102,12 @@ def train(
     checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     callbacks: list[L.Callback] = [solved, checkpoint]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TrainingProgressBar(refresh_rate=25))  # redrawing costs time per step
+        bar = TrainingProgressBar(
+            refresh_rate=25,  # redrawing costs time per step
+            batches_per_epoch=datamodule.batches_per_epoch,
+            open_ended=cfg.eval.stop_when_solved,
+        )
+        callbacks.append(bar)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=logger,
@@ -132,7 +138,8 @@ def train(
     writer = logger.experiment
     for tag, value in result_scalars(metrics, solved.validated_step == step).items():
         writer.add_scalar(tag, value, step)
-    printed = summary(cfg, metrics, run_dir)
+    num_parameters = sum(p.numel() for p in module.model.parameters())
+    printed = summary(cfg, metrics, run_dir, num_parameters)
     log_run_record(writer, cfg, run_dir, printed, step)
     logger.close()
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
