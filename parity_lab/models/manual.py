@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from parity_lab.models import native
+
 # Derivatives through an activation, from its output, each one fused kernel:
 # sigmoid_grad(grad, s) = grad * s * (1 - s), tanh_grad(grad, t) = grad * (1 - t * t).
 sigmoid_grad = torch.ops.aten.sigmoid_backward
@@ -109,7 +111,10 @@ class ManualRecurrent(nn.Module):
         for layer in range(self.num_layers):
             weight_ih, weight_hh, bias_ih, bias_hh = self.layer_weights(layer)
             x_proj = torch.nn.functional.linear(x, weight_ih, bias_ih)  # all steps at once
-            if hand_written_backward:
+            native = self.native_layer(x_proj, weight_hh, bias_hh, tuple(layer_states[layer]))
+            if native is not None:
+                x, layer_state = native
+            elif hand_written_backward:
                 x, *layer_state = BackpropThroughTime.apply(
                     self, x_proj, weight_hh, bias_hh, *layer_states[layer]
                 )
@@ -118,6 +123,13 @@ class ManualRecurrent(nn.Module):
             layer_states[layer] = tuple(layer_state)
         stacked = tuple(torch.stack(s) for s in zip(*layer_states, strict=True))
         return x.transpose(0, 1), stacked[0] if self.state_size == 1 else stacked
+
+    def native_layer(
+        self, x_proj: torch.Tensor, weight_hh: torch.Tensor, bias_hh: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State] | None:
+        """One layer through a compiled whole-sequence kernel (``native.py``), or None where this
+        cell has none or it cannot run; then ``step`` runs, as always."""
+        return None
 
     def unroll(
         self,
@@ -230,6 +242,21 @@ class ManualLSTM(ManualRecurrent):
         cell = slice(2 * self.hidden_size, 3 * self.hidden_size)
         grad_pre[:, cell] = tanh_grad(grad_gates[:, cell], g)
         return grad_pre, grad_pre, (grad_pre.mm(weight_hh), grad_c * f)
+
+    def native_layer(self, x_proj, weight_hh, bias_hh, state):
+        # The kernel implements exactly these equations: a subclass that changes them runs them.
+        own = (
+            type(self).step is ManualLSTM.step
+            and type(self).step_backward is ManualLSTM.step_backward
+        )
+        if not own or not native.lstm_applies(x_proj, weight_hh, bias_hh, *state):
+            return None
+        tensors = (x_proj, weight_hh, bias_hh, *state)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            outputs, h, c = native.FusedLSTM.apply(*tensors)
+        else:
+            outputs, h, c = native.lstm_inference(*tensors)
+        return outputs, (h, c)
 
 
 class ManualGRU(ManualRecurrent):
