@@ -31,9 +31,30 @@ import torch
 from torch import nn
 
 from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
+from parity_lab.models.manual import ManualLSTM, ManualRecurrent
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+
+
+class PyTorchLSTM(ManualLSTM):
+    """``lstm_manual`` without its C kernel: ``step`` and the hand-written ``step_backward``."""
+
+    def native_layer(self, *_: Any) -> None:
+        return None
+
+
+class AutogradLSTM(PyTorchLSTM):
+    """``lstm_manual``'s ``step`` alone, as a new cell is written: its backward is derived."""
+
+    step_backward = ManualRecurrent.step_backward
+
+
+# Bench-only variants: a config model plus the class that replaces its recurrent core.
+VARIANTS = {
+    "lstm_manual_pytorch": ("lstm_manual", PyTorchLSTM),
+    "lstm_manual_autograd": ("lstm_manual", AutogradLSTM),
+}
 
 
 def compose(*overrides: str) -> Any:
@@ -74,6 +95,10 @@ def training_step_ms(model_name: str, max_len: int, args: argparse.Namespace) ->
     from hydra.utils import instantiate
 
     overrides = [f"model={model_name}", f"model.hidden_size={args.hidden}"]
+    if model_name in VARIANTS:
+        config_name, core = VARIANTS[model_name]
+        overrides[0] = f"model={config_name}"
+        overrides.append(f"model.rnn._target_={core.__module__}.{core.__qualname__}")
     if args.compile:
         overrides.append(f"model.compile={args.compile}")
     cfg = compose(*overrides)
@@ -308,7 +333,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m parity_lab.bench", description=__doc__.split("\n")[0]
     )
     add = parser.add_argument
-    add("--models", nargs="+", default=MODELS, choices=MODELS, help="models to time")
+    add(
+        "--models",
+        nargs="+",
+        default=MODELS,
+        choices=MODELS + list(VARIANTS),
+        help="models to time",
+    )
     add("--batch", type=int, default=128, help="strings per training step")
     add("--min-len", type=int, default=1)
     add("--max-len", type=int, nargs="+", default=[20], help="one or more max_len to time")

@@ -14,7 +14,10 @@ per-operation overhead, and this replaces ~40 autograd nodes per time step by no
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +29,7 @@ from parity_lab.models import native
 sigmoid_grad = torch.ops.aten.sigmoid_backward
 tanh_grad = torch.ops.aten.tanh_backward
 
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # per layer, as torch names them
 State = tuple[torch.Tensor, ...]  # one layer's recurrent state: (h,) or, for the LSTM, (h, c)
 Saved = tuple[torch.Tensor, ...]  # what one step records for its backward
 
@@ -61,10 +65,7 @@ class ManualRecurrent(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
 
     def layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
-        return tuple(
-            getattr(self, f"{name}_l{layer}")
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        )
+        return tuple(getattr(self, f"{name}_l{layer}") for name in WEIGHT_NAMES)
 
     def step(
         self,
@@ -99,11 +100,10 @@ class ManualRecurrent(nn.Module):
         elif self.state_size == 1:
             state = (state,)
         layer_states = list(zip(*(s.unbind(0) for s in state), strict=True))
-        # Under torch.compile the loop is traced as plain ops and the compiler derives the backward;
-        # a new cell that defines only ``step`` also gets autograd's backward.
+        # Under torch.compile the loop is traced as plain ops and the compiler derives the backward.
+        # A new cell that defines only ``step`` gets a backward derived from it once, by tracing.
         hand_written_backward = (
-            type(self).step_backward is not ManualRecurrent.step_backward
-            and torch.is_grad_enabled()
+            torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and any(p.requires_grad for p in self.parameters())
         )
@@ -114,9 +114,18 @@ class ManualRecurrent(nn.Module):
             native = self.native_layer(x_proj, weight_hh, bias_hh, tuple(layer_states[layer]))
             if native is not None:
                 x, layer_state = native
-            elif hand_written_backward:
+            elif (
+                hand_written_backward
+                and type(self).step_backward is not ManualRecurrent.step_backward
+            ):
                 x, *layer_state = BackpropThroughTime.apply(
                     self, x_proj, weight_hh, bias_hh, *layer_states[layer]
+                )
+            elif hand_written_backward and (
+                derived := derive_backward(self, x_proj[0], weight_hh, bias_hh, layer_states[layer])
+            ):
+                x, *layer_state = DerivedBackpropThroughTime.apply(
+                    derived, x_proj, weight_hh, bias_hh, *layer_states[layer]
                 )
             else:
                 x, layer_state = self.unroll(x_proj, tuple(layer_states[layer]), weight_hh, bias_hh)
@@ -193,6 +202,200 @@ class BackpropThroughTime(torch.autograd.Function):
         h_prev = torch.cat([h0.unsqueeze(0), outputs[:-1]]).flatten(0, 1)
         grad_weight_hh = grad_hh_all.t().mm(h_prev)
         grad_bias_hh = grad_hh_all.sum(0)
+        return (None, grad_x_all, grad_weight_hh, grad_bias_hh, *grad_state)
+
+
+class DerivedStep(NamedTuple):
+    """One step's forward and backward as plain aten graphs, traced from a cell's ``step``.
+
+    ``forward(x_proj, weight_hh, bias_hh, *state)`` returns the step's outputs, then the tensors its
+    backward needs; ``backward(*those, *output gradients)`` returns the gradients of
+    ``(x_proj, weight_hh, bias_hh, *state)``. The outputs are ``(h, *new_state)``, or just
+    ``new_state`` when the output h is ``new_state[0]`` (every cell here).
+
+    With ``deferred``, the weight gradients are left for one matmul over all steps, as in the
+    hand-written backward: instead of ``d weight_hh, d bias_hh`` the backward returns ``G, H, D``
+    with ``d weight_hh = G^T H`` and ``d bias_hh`` the sum of D's rows.
+    """
+
+    forward: torch.fx.GraphModule
+    backward: torch.fx.GraphModule
+    num_outputs: int
+    output_is_state: bool
+    deferred: bool
+
+
+# Per cell and input signature: tracing takes a fraction of a second, once.
+_derived: weakref.WeakKeyDictionary[ManualRecurrent, dict[tuple, DerivedStep | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def derive_backward(
+    cell: ManualRecurrent,
+    x_proj: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor,
+    state: State,
+) -> DerivedStep | None:
+    """``step``'s forward and backward graphs for these shapes (traced on first use), or None
+    (with a warning) where the step cannot be traced or reads parameters it is not passed."""
+    tensors = (x_proj, weight_hh, bias_hh, *state)
+    key = tuple((t.shape, t.dtype, t.device) for t in tensors)
+    cache = _derived.setdefault(cell, {})
+    if key not in cache:
+        cache[key] = trace_step(cell, tensors)
+    return cache[key]
+
+
+def trace_step(cell: ManualRecurrent, tensors: tuple[torch.Tensor, ...]) -> DerivedStep | None:
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import default_partition
+
+    own = {f"{name}_l{layer}" for layer in range(cell.num_layers) for name in WEIGHT_NAMES}
+    if {name for name, _ in cell.named_parameters()} != own:
+        # a parameter the step reads from ``self`` would be traced as a constant: no gradient
+        return None
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    layout: dict[str, Any] = {}
+
+    def capture(name: str) -> Callable:
+        def compiler(graph: torch.fx.GraphModule, _: Any) -> torch.fx.GraphModule:
+            graphs[name] = without_detach(graph)
+            return make_boxed_func(graph)
+
+        return compiler
+
+    def one_step(x_proj, weight_hh, bias_hh, *state):  # noqa: ANN001, ANN202
+        h, new_state = cell.step(x_proj, tuple(state), weight_hh, bias_hh)
+        layout["output_is_state"] = h is new_state[0]
+        outputs = tuple(new_state) if layout["output_is_state"] else (h, *new_state)
+        layout["num_outputs"] = len(outputs)
+        return outputs
+
+    from functorch.compile import make_boxed_func
+
+    examples = [t.detach().clone().requires_grad_() for t in tensors]
+    try:
+        traced = aot_function(one_step, capture("forward"), capture("backward"), default_partition)
+        outputs = traced(*examples)
+        torch.autograd.grad(outputs, examples, [torch.ones_like(o) for o in outputs])
+    except Exception as error:  # any Python the tracer cannot follow: autograd runs the step
+        warnings.warn(
+            f"{type(cell).__name__}: could not derive a backward from step ({error}); "
+            "autograd differentiates every step instead (slower, same gradients)",
+            stacklevel=3,
+        )
+        return None
+    backward, deferred = defer_weight_gradients(graphs["backward"])
+    return DerivedStep(graphs["forward"], backward, deferred=deferred, **layout)
+
+
+def without_detach(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop the graph's ``detach`` calls: no-ops here, where no autograd runs."""
+    for node in list(graph.graph.nodes):
+        if node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.recompile()
+    return graph
+
+
+def defer_weight_gradients(graph: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, bool]:
+    """Rewrite a step's backward to return the factors of its weight gradients, when they have
+    the usual form ``d weight_hh = G^T H`` and ``d bias_hh = sum of D's rows`` (weight_hh used as
+    ``h W^T``): summing the steps then takes one matmul instead of one per step."""
+    aten = torch.ops.aten
+
+    def untranspose(node: Any) -> tuple[Any, int]:
+        count = 0
+        while isinstance(node, torch.fx.Node) and node.target is aten.t.default:
+            node, count = node.args[0], count + 1
+        return node, count
+
+    output = next(n for n in graph.graph.nodes if n.op == "output")
+    grads = list(output.args[0])
+    product, outer = untranspose(grads[1])
+    bias = grads[2]
+    if isinstance(bias, torch.fx.Node) and bias.target is aten.view.default:
+        bias = bias.args[0]
+    if not (
+        outer % 2 == 0
+        and isinstance(product, torch.fx.Node)
+        and product.target is aten.mm.default
+        and untranspose(product.args[0])[1] == 1
+        and isinstance(bias, torch.fx.Node)
+        and bias.target is aten.sum.dim_IntList
+        and list(bias.args[1]) == [0]
+    ):
+        return graph, False
+    factors = (untranspose(product.args[0])[0], product.args[1], bias.args[0])
+    output.args = (tuple([grads[0], *factors, *grads[3:]]),)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return graph, True
+
+
+class DerivedBackpropThroughTime(torch.autograd.Function):
+    """One layer unrolled over time through a ``DerivedStep``: ``BackpropThroughTime`` for a
+    cell without ``step_backward``. Each step's graph replaces about as many autograd nodes as
+    the step has operations; the weight gradients are summed over steps."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        derived: DerivedStep,
+        x_proj: torch.Tensor,
+        weight_hh: torch.Tensor,
+        bias_hh: torch.Tensor,
+        *state: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        outputs, saved = [], []
+        for x_t in x_proj.unbind(0):
+            result = derived.forward(x_t, weight_hh, bias_hh, *state)
+            new, saved_t = result[: derived.num_outputs], result[derived.num_outputs :]
+            state = tuple(new) if derived.output_is_state else tuple(new[1:])
+            outputs.append(new[0])
+            saved.append(saved_t)
+        ctx.derived, ctx.steps = derived, saved
+        ctx.save_for_backward(weight_hh, bias_hh, *state)
+        return (torch.stack(outputs), *state)
+
+    @staticmethod
+    def backward(ctx: Any, grad_outputs: torch.Tensor | None, *grad_final: torch.Tensor | None):
+        derived: DerivedStep = ctx.derived
+        weight_hh, bias_hh, *final = ctx.saved_tensors
+        grad_state = [
+            torch.zeros_like(s) if g is None else g for s, g in zip(final, grad_final, strict=True)
+        ]
+        grad_weight_hh, grad_bias_hh = torch.zeros_like(weight_hh), torch.zeros_like(bias_hh)
+        grad_x_proj, factors = [], []
+        for t in reversed(range(len(ctx.steps))):
+            grad_h = None if grad_outputs is None else grad_outputs[t]
+            if derived.output_is_state:
+                first = grad_state[0] if grad_h is None else grad_state[0] + grad_h
+                tangents = [first, *grad_state[1:]]
+            else:
+                tangents = [torch.zeros_like(grad_state[0]) if grad_h is None else grad_h]
+                tangents += grad_state
+            grads = derived.backward(*ctx.steps[t], *tangents)
+            grad_x_proj.append(grads[0])
+            if derived.deferred:
+                factors.append(grads[1:4])
+                grad_state = grads[4:]
+            else:
+                grad_weight_hh += grads[1]
+                grad_bias_hh += grads[2]
+                grad_state = grads[3:]
+        grad_x_all = torch.stack(grad_x_proj[::-1])
+        if factors:
+            factors.reverse()
+            left, right, rows = (
+                # the factors are often d x_proj itself (the step adds W_hh h to x_proj)
+                grad_x_all.flatten(0, 1) if f[0] is grad_x_proj[-1] else torch.cat(f)
+                for f in zip(*factors, strict=True)
+            )
+            grad_weight_hh, grad_bias_hh = left.t().mm(right), rows.sum(0)
         return (None, grad_x_all, grad_weight_hh, grad_bias_hh, *grad_state)
 
 

@@ -8,8 +8,9 @@ Python ``step`` and ``step_backward`` stay the reference: they run whenever the 
 
 The kernel is compiled with the system C compiler (``$CC``, else ``cc``) into
 ``$PARITY_LAB_CACHE`` (default ``~/.cache/parity_lab``), once per source, hidden size, compiler and
-CPU (a fixed hidden size keeps a row's gates in vector registers); a build takes under a second. ``PARITY_LAB_NATIVE=0`` turns the kernels off. When no compiler
-works, the cells stay in PyTorch and one warning says so.
+CPU (a fixed hidden size keeps a row's gates in vector registers); a build takes under a second.
+``PARITY_LAB_NATIVE=0`` turns the kernels off. When no compiler works, the cells stay in PyTorch
+and one warning says so.
 """
 
 from __future__ import annotations
