@@ -456,7 +456,7 @@ class ManualLSTM(ManualRecurrent):
             return None
         tensors = (x_proj, weight_hh, bias_hh, *state)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            outputs, h, c = native.FusedLSTM.apply(*tensors)
+            outputs, h, c = native.lstm_training(*tensors)
         else:
             outputs, h, c = native.lstm_inference(*tensors)
         return outputs, (h, c)

@@ -139,6 +139,17 @@ def lstm_inference(
     return h[1:], h[steps].clone(), c[steps % 2].clone()
 
 
+def lstm_training(
+    x_proj: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lstm_inference`` with gradients: the kernel's backward runs in autograd's."""
+    return FusedLSTM.apply(x_proj, weight_hh, bias_hh, h0, c0)
+
+
 class FusedLSTM(torch.autograd.Function):
     """``apply(x_proj, weight_hh, bias_hh, h0, c0) -> (outputs, h_T, c_T)`` of one layer through
     the C kernel, from ``x_proj = W_ih x + b_ih`` (T,B,4H)."""
