@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -34,7 +35,9 @@ from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
 from parity_lab.models.manual import ManualLSTM, ManualRecurrent
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MODELS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+TWINS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+# every model of conf/model: the twins first, then the others by name
+MODELS = TWINS + sorted({p.stem for p in (CONF / "model").glob("*.yaml")} - set(TWINS))
 
 
 class PyTorchLSTM(ManualLSTM):
@@ -55,6 +58,9 @@ VARIANTS = {
     "lstm_manual_pytorch": ("lstm_manual", PyTorchLSTM),
     "lstm_manual_autograd": ("lstm_manual", AutogradLSTM),
 }
+DEFAULT_MODELS = [
+    m for twin in TWINS for m in (twin, *(v for v, (base, _) in VARIANTS.items() if base == twin))
+] + [m for m in MODELS if m not in TWINS]
 
 
 def compose(*overrides: str) -> Any:
@@ -73,25 +79,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(
-    step: Callable[[], None], device: torch.device, warmup: int, repeats: int, steps: int
-) -> tuple[float, float]:
-    """(median, min) milliseconds per call over ``repeats`` timed blocks of ``steps`` calls."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    blocks = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        blocks.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(blocks), min(blocks)
-
-
-def training_step_ms(model_name: str, max_len: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Milliseconds per training step of one model on fixed, pre-generated batches."""
+def make_training_step(
+    model_name: str, max_len: int, args: argparse.Namespace
+) -> Callable[[], None]:
+    """One model's training step (forward, loss, backward, optimizer step) on fixed batches."""
     from hydra.utils import instantiate
 
     overrides = [f"model={model_name}", f"model.hidden_size={args.hidden}"]
@@ -114,34 +105,78 @@ def training_step_ms(model_name: str, max_len: int, args: argparse.Namespace) ->
     def step() -> None:
         x, lengths, targets = batches[index[0] % len(batches)]
         index[0] += 1
-        final = model.final_logits(model(x, lengths), lengths)
-        parity = targets.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-        loss = loss_fn(final, parity)
+        last = (lengths - 1).unsqueeze(1)
+        final = model(x, lengths).gather(1, last).squeeze(1)
+        loss = loss_fn(final, targets.gather(1, last).squeeze(1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    ms, ms_min = median_ms(step, device, args.warmup, args.repeats, args.steps)
-    return {
-        "model": model_name,
-        "max_len": max_len,
-        "ms_per_step": round(ms, 4),
-        "ms_per_step_min": round(ms_min, 4),
-        "strings_per_s": round(args.batch / ms * 1e3, 1),
-    }
+    return step
+
+
+def training_step_ms(
+    models: list[str], max_len: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Milliseconds per training step of several models at one max_len, timed in turn.
+
+    Each repeat times one block of ``--steps`` steps of every model, one model after the other,
+    so a change in the machine's load hits all of them alike and their ratios stay meaningful;
+    the median block is reported, and the spread of the blocks beside it.
+    """
+    device = torch.device(args.device)
+    steps = {}
+    for name in models:
+        start = time.perf_counter()
+        steps[name] = make_training_step(name, max_len, args)
+        for _ in range(args.warmup):
+            steps[name]()
+        synchronize(device)
+        steps[name] = (steps[name], time.perf_counter() - start)
+    blocks: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name in models:
+            step = steps[name][0]
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            synchronize(device)
+            blocks[name].append((time.perf_counter() - start) / args.steps * 1e3)
+    rows = []
+    for name in models:
+        ms = statistics.median(blocks[name])
+        rows.append(
+            {
+                "model": name,
+                "max_len": max_len,
+                "ms_per_step": round(ms, 4),
+                "ms_per_step_min": round(min(blocks[name]), 4),
+                "ms_per_step_max": round(max(blocks[name]), 4),
+                "strings_per_s": round(args.batch / ms * 1e3, 1),
+                "setup_s": round(steps[name][1], 3),  # build, first steps, any compilation
+            }
+        )
+    return rows
+
+
+# (numerator, denominator) of the ratios printed beside the throughput table
+PAIRS = [
+    *((f"{m}_manual", m) for m in ("rnn", "lstm", "gru")),
+    ("lstm_manual_pytorch", "lstm"),
+    ("lstm_manual_autograd", "lstm_manual_pytorch"),
+]
 
 
 def ratios(throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Hand-written over built-in ms/step, for every pair measured at the same max_len."""
+    """ms/step ratios of the ``PAIRS`` measured at the same max_len: hand-written over built-in,
+    and a cell's derived backward over its hand-written one."""
     ms = {(r["model"], r["max_len"]): r["ms_per_step"] for r in throughput}
+    lengths = sorted({r["max_len"] for r in throughput})
     return [
-        {
-            "pair": f"{model}/{model.removesuffix('_manual')}",
-            "max_len": max_len,
-            "ratio": round(value / ms[model.removesuffix("_manual"), max_len], 3),
-        }
-        for (model, max_len), value in ms.items()
-        if model.endswith("_manual") and (model.removesuffix("_manual"), max_len) in ms
+        {"pair": f"{a}/{b}", "max_len": n, "ratio": round(ms[a, n] / ms[b, n], 3)}
+        for n in lengths
+        for a, b in PAIRS
+        if (a, n) in ms and (b, n) in ms
     ]
 
 
@@ -293,29 +328,60 @@ def run_breakdown(overrides: list[str]) -> dict[str, Any]:
     }
 
 
+def peak_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """This CPU's float32 matmul GFLOP/s on the torch threads set (a large square matmul, the best
+    of ``repeats``), in CPU time: time the process waited for other processes does not count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def weight_flops(model: nn.Module) -> int:
+    """FLOPs per string and time step of the weight matrices (one multiply-add per weight):
+    the arithmetic a recurrent layer cannot avoid. The head reads only the last position."""
+    return 2 * sum(
+        p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "head" not in name
+    )
+
+
 def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Seconds to evaluate ``--eval-strings`` strings of each length in ``--eval-bits``."""
+    """Seconds to evaluate ``--eval-strings`` strings of each length in ``--eval-bits``, with
+    each ``--eval-model``; beside it the weight FLOP/s achieved, against ``peak_gflops``."""
     from hydra.utils import instantiate
 
     from parity_lab.evaluate import accuracy_at_length
 
-    cfg = compose(f"model={args.eval_model}", f"model.hidden_size={args.hidden}")
-    torch.manual_seed(0)
-    model = instantiate(cfg.model).to(args.device).eval()
+    peak = peak_gflops()
     results = []
-    for bits in args.eval_bits:
-        start = time.perf_counter()
-        accuracy = accuracy_at_length(model, bits, args.eval_strings, seed=0)
-        synchronize(torch.device(args.device))
-        results.append(
-            {
-                "model": args.eval_model,
-                "bits": bits,
-                "strings": args.eval_strings,
-                "seconds": round(time.perf_counter() - start, 3),
-                "accuracy_untrained": accuracy,
-            }
-        )
+    for name in args.eval_model:
+        cfg = compose(f"model={name}", f"model.hidden_size={args.hidden}")
+        torch.manual_seed(0)
+        model = instantiate(cfg.model).to(args.device).eval()
+        accuracy_at_length(model, 64, args.eval_strings, seed=0)  # warm-up: kernels, allocator
+        for bits in args.eval_bits:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            accuracy = accuracy_at_length(model, bits, args.eval_strings, seed=0)
+            synchronize(torch.device(args.device))
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            gflops = weight_flops(model) * bits * args.eval_strings / cpu / 1e9
+            results.append(
+                {
+                    "model": name,
+                    "bits": bits,
+                    "strings": args.eval_strings,
+                    "seconds": round(seconds, 3),
+                    "cpu_seconds": round(cpu, 3),
+                    "weight_gflops": round(gflops, 2),
+                    "share_of_peak": round(gflops / peak, 4),
+                    "peak_gflops": round(peak, 1),
+                    "accuracy_untrained": accuracy,
+                }
+            )
     return results
 
 
@@ -363,7 +429,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
     add("--eval-strings", type=int, default=512)
-    add("--eval-model", default="lstm", choices=MODELS)
+    add("--eval-model", nargs="+", default=["lstm"], choices=MODELS, help="models to evaluate")
     add("--output", default="outputs/bench.json", help="where to write the JSON results")
     return parser.parse_args(argv)
 
@@ -381,12 +447,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else "cpu",
         },
     }
-    throughput = [training_step_ms(m, n, args) for n in args.max_len for m in args.models]
+    throughput = [row for n in args.max_len for row in training_step_ms(args.models, n, args)]
     results["throughput"] = throughput
     results["ratios"] = ratios(throughput)
-    print(
-        table(throughput, ["model", "max_len", "ms_per_step", "ms_per_step_min", "strings_per_s"])
-    )
+    columns = ["model", "max_len", "ms_per_step", "ms_per_step_min", "ms_per_step_max"]
+    print(table(throughput, [*columns, "strings_per_s", "setup_s"]))
     if results["ratios"]:
         print("\n" + table(results["ratios"], ["pair", "max_len", "ratio"]))
 
@@ -422,7 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.eval_bits:
         results["evaluation"] = evaluation_seconds(args)
-        print("\n" + table(results["evaluation"], ["model", "bits", "strings", "seconds"]))
+        columns = ["model", "bits", "strings", "seconds", "cpu_seconds", "weight_gflops"]
+        print("\n" + table(results["evaluation"], [*columns, "share_of_peak", "peak_gflops"]))
 
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten to {args.output}")
