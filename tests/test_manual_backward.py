@@ -204,3 +204,17 @@ def test_untraceable_step_warns_and_uses_autograd() -> None:
         cell(x)[0].sum().backward()
     reference(x)[0].sum().backward()
     torch.testing.assert_close(cell.weight_hh_l0.grad, reference.weight_hh_l0.grad)
+
+
+@pytest.mark.parametrize("cell", [ManualLSTM, ManualGRU])
+def test_long_inference_in_blocks_equals_one_pass(cell, monkeypatch) -> None:
+    """Without gradients a long sequence runs in blocks of time, the state carried across."""
+    torch.manual_seed(0)
+    core = cell(1, 4, 2)
+    x = torch.randint(0, 2, (3, 10, 1)).float()
+    with torch.no_grad():
+        whole, whole_state = core(x)
+        monkeypatch.setattr(manual, "INFERENCE_BLOCK", 3)
+        blocks, blocks_state = core(x)
+    torch.testing.assert_close(blocks, whole, atol=1e-6, rtol=1e-6)  # matmul sizes differ
+    torch.testing.assert_close(blocks_state, whole_state, atol=1e-6, rtol=1e-6)
