@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
+from parity_lab.models import manual
 from parity_lab.models.manual import ManualLSTM, ManualRecurrent
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -414,6 +415,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--threads", type=int, default=1, help="torch CPU threads")
     add("--compile", default=None, help="model.compile mode for the timed models (e.g. default)")
     add("--warmup", type=int, default=10, help="untimed steps before timing")
+    add(
+        "--compile-after",
+        type=int,
+        default=0,
+        help="time steps a cell without step_backward runs eagerly before its derived graphs are "
+        "compiled (training runs: 200000; 0 here times the compiled steady state, -1 never)",
+    )
     add("--repeats", type=int, default=7, help="timed blocks; the median block is reported")
     add("--steps", type=int, default=20, help="training steps per timed block")
     add("--solve-seeds", type=int, default=5, help="seeds of the default run to time (0: skip)")
@@ -437,6 +445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    manual.COMPILE_AFTER = args.compile_after
     results: dict[str, Any] = {
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "machine": {

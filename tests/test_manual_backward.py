@@ -218,3 +218,48 @@ def test_long_inference_in_blocks_equals_one_pass(cell, monkeypatch) -> None:
         blocks, blocks_state = core(x)
     torch.testing.assert_close(blocks, whole, atol=1e-6, rtol=1e-6)  # matmul sizes differ
     torch.testing.assert_close(blocks_state, whole_state, atol=1e-6, rtol=1e-6)
+
+
+def test_derived_step_compiles_after_enough_steps(monkeypatch) -> None:
+    """After ``COMPILE_AFTER`` time steps the derived graphs go to inductor, decomposed (here a
+    stub stands in for inductor's seconds of C++ compilation), and the gradients stay torch's."""
+    import torch._inductor.compile_fx as inductor
+
+    compiled = []
+
+    def stub(graph, inputs):
+        compiled.append(graph)
+        return lambda args: graph(*args)
+
+    monkeypatch.setattr(inductor, "compile_fx_inner", stub)
+    monkeypatch.setattr(manual, "COMPILE_AFTER", 20)
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(2, 5, batch_first=True).double()
+    cell = StepOnlyLSTM(2, 5).double()
+    cell.load_state_dict(reference.state_dict())
+    x = torch.randn(7, 11, 2, dtype=torch.float64, requires_grad=True)
+    state = initial_state(cell, 1, 7)
+    gradients(cell, x, state)  # 11 steps: still eager
+    assert compiled == []
+    expected, actual = gradients(reference, x, state), gradients(cell, x, state)  # 22: compiled
+    assert len(compiled) == 2  # forward and backward, once
+    (derived,) = manual._derived[cell].values()
+    assert derived.compiled and derived.deferred
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+    gradients(cell, x, state)
+    assert len(compiled) == 2
+
+
+def test_failed_compilation_warns_and_stays_eager(monkeypatch) -> None:
+    import torch._inductor.compile_fx as inductor
+
+    def broken(graph, inputs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(inductor, "compile_fx_inner", broken)
+    monkeypatch.setattr(manual, "COMPILE_AFTER", 0)
+    cell = StepOnlyLSTM(1, 3)
+    with pytest.warns(UserWarning, match="could not compile its derived step"):
+        cell(torch.randn(2, 4, 1))[0].sum().backward()
+    assert cell.weight_hh_l0.grad is not None

@@ -13,11 +13,13 @@ per-operation overhead, and this replaces ~40 autograd nodes per time step by no
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -135,7 +137,7 @@ class ManualRecurrent(nn.Module):
                 derived := derive_backward(self, x_proj[0], weight_hh, bias_hh, layer_states[layer])
             ):
                 x, *layer_state = DerivedBackpropThroughTime.apply(
-                    derived, x_proj, weight_hh, bias_hh, *layer_states[layer]
+                    self, derived, x_proj, weight_hh, bias_hh, *layer_states[layer]
                 )
             else:
                 x, layer_state = self.unroll(x_proj, tuple(layer_states[layer]), weight_hh, bias_hh)
@@ -215,7 +217,8 @@ class BackpropThroughTime(torch.autograd.Function):
         return (None, grad_x_all, grad_weight_hh, grad_bias_hh, *grad_state)
 
 
-class DerivedStep(NamedTuple):
+@dataclasses.dataclass
+class DerivedStep:
     """One step's forward and backward as plain aten graphs, traced from a cell's ``step``.
 
     ``forward(x_proj, weight_hh, bias_hh, *state)`` returns the step's outputs, then the tensors its
@@ -226,14 +229,24 @@ class DerivedStep(NamedTuple):
     With ``deferred``, the weight gradients are left for one matmul over all steps, as in the
     hand-written backward: instead of ``d weight_hh, d bias_hh`` the backward returns ``G, H, D``
     with ``d weight_hh = G^T H`` and ``d bias_hh`` the sum of D's rows.
+
+    After ``COMPILE_AFTER`` time steps both graphs are compiled to C++ by inductor (once; see
+    ``compile_step``): ``steps`` counts them, ``compiled`` says the attempt was made.
     """
 
-    forward: torch.fx.GraphModule
-    backward: torch.fx.GraphModule
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
     num_outputs: int
     output_is_state: bool
     deferred: bool
+    steps: int = 0
+    compiled: bool = False
 
+
+# Time steps a derived step runs eagerly before its graphs are compiled to C++: compiling takes
+# seconds (cached on disk by inductor afterwards) and makes each step about 3x faster, so short
+# runs and tests never compile; PARITY_LAB_COMPILE_AFTER=0 compiles at once, -1 never.
+COMPILE_AFTER = int(os.environ.get("PARITY_LAB_COMPILE_AFTER", "200000"))
 
 # Per cell and input signature: tracing takes a fraction of a second, once.
 _derived: weakref.WeakKeyDictionary[ManualRecurrent, dict[tuple, DerivedStep | None]] = (
@@ -254,23 +267,36 @@ def derive_backward(
     key = tuple((t.shape, t.dtype, t.device) for t in tensors)
     cache = _derived.setdefault(cell, {})
     if key not in cache:
-        cache[key] = trace_step(cell, tensors)
+        own = {f"{name}_l{layer}" for layer in range(cell.num_layers) for name in WEIGHT_NAMES}
+        if {name for name, _ in cell.named_parameters()} != own:
+            # a parameter the step reads from ``self`` would be traced as a constant: no gradient
+            cache[key] = None
+            return None
+        try:
+            cache[key] = DerivedStep(*trace_step(cell, tensors))
+        except Exception as error:  # any Python the tracer cannot follow: autograd runs the step
+            warnings.warn(
+                f"{type(cell).__name__}: could not derive a backward from step ({error}); "
+                "autograd differentiates every step instead (slower, same gradients)",
+                stacklevel=2,
+            )
+            cache[key] = None
     return cache[key]
 
 
-def trace_step(cell: ManualRecurrent, tensors: tuple[torch.Tensor, ...]) -> DerivedStep | None:
+def trace_step(
+    cell: ManualRecurrent, tensors: tuple[torch.Tensor, ...], decompositions: dict | None = None
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, int, bool, bool]:
+    """Trace ``step`` at these inputs (AOTAutograd, no compiler): ``DerivedStep``'s fields."""
+    from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_function
     from torch._functorch.partitioners import default_partition
 
-    own = {f"{name}_l{layer}" for layer in range(cell.num_layers) for name in WEIGHT_NAMES}
-    if {name for name, _ in cell.named_parameters()} != own:
-        # a parameter the step reads from ``self`` would be traced as a constant: no gradient
-        return None
     graphs: dict[str, torch.fx.GraphModule] = {}
     layout: dict[str, Any] = {}
 
     def capture(name: str) -> Callable:
-        def compiler(graph: torch.fx.GraphModule, _: Any) -> torch.fx.GraphModule:
+        def compiler(graph: torch.fx.GraphModule, _: Any) -> Callable:
             graphs[name] = without_detach(graph)
             return make_boxed_func(graph)
 
@@ -283,22 +309,51 @@ def trace_step(cell: ManualRecurrent, tensors: tuple[torch.Tensor, ...]) -> Deri
         layout["num_outputs"] = len(outputs)
         return outputs
 
-    from functorch.compile import make_boxed_func
-
     examples = [t.detach().clone().requires_grad_() for t in tensors]
-    try:
-        traced = aot_function(one_step, capture("forward"), capture("backward"), default_partition)
-        outputs = traced(*examples)
-        torch.autograd.grad(outputs, examples, [torch.ones_like(o) for o in outputs])
-    except Exception as error:  # any Python the tracer cannot follow: autograd runs the step
-        warnings.warn(
-            f"{type(cell).__name__}: could not derive a backward from step ({error}); "
-            "autograd differentiates every step instead (slower, same gradients)",
-            stacklevel=3,
-        )
-        return None
+    traced = aot_function(
+        one_step,
+        capture("forward"),
+        capture("backward"),
+        partition_fn=default_partition,
+        decompositions=decompositions,
+    )
+    outputs = traced(*examples)
+    torch.autograd.grad(outputs, examples, [torch.ones_like(o) for o in outputs])
     backward, deferred = defer_weight_gradients(graphs["backward"])
-    return DerivedStep(graphs["forward"], backward, deferred=deferred, **layout)
+    return graphs["forward"], backward, layout["num_outputs"], layout["output_is_state"], deferred
+
+
+def compile_step(
+    derived: DerivedStep, cell: ManualRecurrent, tensors: tuple[torch.Tensor, ...]
+) -> None:
+    """Replace ``derived``'s graphs by inductor's C++ for them (traced again, decomposed into the
+    operations inductor fuses); on any failure warn once and keep the eager graphs."""
+    derived.compiled = True
+    try:
+        from torch._inductor import config
+        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.decomposition import select_decomp_table
+
+        inputs = [t.detach() for t in tensors]
+        with torch.enable_grad():  # called from inside an autograd Function's forward
+            forward, backward, num_outputs, _, deferred = trace_step(
+                cell, tuple(inputs), select_decomp_table()
+            )
+        with config.patch(compile_threads=1):  # no pool of compiler processes for two graphs
+            forward = compile_fx_inner(forward, inputs)
+            outputs = forward(list(inputs))
+            tangents = [torch.zeros_like(o) for o in outputs[:num_outputs]]
+            backward = compile_fx_inner(backward, [*outputs[num_outputs:], *tangents])
+    except Exception as error:  # no C++ compiler, or a graph inductor cannot take
+        warnings.warn(
+            f"{type(cell).__name__}: could not compile its derived step ({error}); it stays "
+            "eager (slower, same results)",
+            stacklevel=2,
+        )
+        return
+    derived.forward = lambda *args: forward(list(args))
+    derived.backward = lambda *args: backward(list(args))
+    derived.deferred = deferred
 
 
 def without_detach(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -317,9 +372,15 @@ def defer_weight_gradients(graph: torch.fx.GraphModule) -> tuple[torch.fx.GraphM
     ``h W^T``): summing the steps then takes one matmul instead of one per step."""
     aten = torch.ops.aten
 
+    def transposes(node: Any) -> bool:
+        return isinstance(node, torch.fx.Node) and (
+            node.target is aten.t.default
+            or (node.target is aten.permute.default and list(node.args[1]) == [1, 0])
+        )
+
     def untranspose(node: Any) -> tuple[Any, int]:
         count = 0
-        while isinstance(node, torch.fx.Node) and node.target is aten.t.default:
+        while transposes(node):
             node, count = node.args[0], count + 1
         return node, count
 
@@ -327,7 +388,7 @@ def defer_weight_gradients(graph: torch.fx.GraphModule) -> tuple[torch.fx.GraphM
     grads = list(output.args[0])
     product, outer = untranspose(grads[1])
     bias = grads[2]
-    if isinstance(bias, torch.fx.Node) and bias.target is aten.view.default:
+    if isinstance(bias, torch.fx.Node) and bias.target in (aten.view.default, aten.squeeze.dim):
         bias = bias.args[0]
     if not (
         outer % 2 == 0
@@ -354,12 +415,16 @@ class DerivedBackpropThroughTime(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
+        cell: ManualRecurrent,
         derived: DerivedStep,
         x_proj: torch.Tensor,
         weight_hh: torch.Tensor,
         bias_hh: torch.Tensor,
         *state: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        derived.steps += x_proj.shape[0]
+        if not derived.compiled and 0 <= COMPILE_AFTER <= derived.steps:
+            compile_step(derived, cell, (x_proj[0], weight_hh, bias_hh, *state))
         outputs, saved = [], []
         for x_t in x_proj.unbind(0):
             result = derived.forward(x_t, weight_hh, bias_hh, *state)
@@ -406,7 +471,7 @@ class DerivedBackpropThroughTime(torch.autograd.Function):
                 for f in zip(*factors, strict=True)
             )
             grad_weight_hh, grad_bias_hh = left.t().mm(right), rows.sum(0)
-        return (None, grad_x_all, grad_weight_hh, grad_bias_hh, *grad_state)
+        return (None, None, grad_x_all, grad_weight_hh, grad_bias_hh, *grad_state)
 
 
 class ManualRNN(ManualRecurrent):
