@@ -43,6 +43,25 @@ def accuracy_at_length(
     return (predictions == parity).float().mean().item()
 
 
+def readable_lengths(model: ParityRNN, lengths: list[int]) -> tuple[list[int], list[int]]:
+    """``(lengths the model reads, lengths beyond its max_len)``, each in the given order.
+
+    Only a Transformer has a ``max_len``; evaluation skips the longer lengths instead of failing.
+    """
+    limit = model.max_len
+    if limit is None:
+        return list(lengths), []
+    return [n for n in lengths if n <= limit], [n for n in lengths if n > limit]
+
+
+def skip_note(model: ParityRNN, skipped: list[int], where: str) -> str:
+    """The printed note for lengths ``readable_lengths`` left out of ``where``."""
+    return (
+        f"note: {where} skips lengths {skipped}: longer than model.max_len={model.max_len}, "
+        "the longest string this model reads"
+    )
+
+
 def curve_lengths(max_len: int, dense_until: int, per_decade: int) -> list[int]:
     """Every length ``1..dense_until``, then about ``per_decade`` log-spaced lengths per factor
     of ten, up to and including ``max_len``."""
