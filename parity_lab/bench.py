@@ -16,6 +16,7 @@ Prints tables and writes everything to ``--output`` as JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
+from parity_lab.evaluate import CHUNK_LEN
 from parity_lab.models import manual
 from parity_lab.models.manual import ManualLSTM, ManualRecurrent
 
@@ -364,9 +366,9 @@ def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.manual_seed(0)
         model = instantiate(cfg.model).to(args.device).eval()
         accuracy_at_length(model, 64, args.eval_strings, seed=0)  # warm-up: kernels, allocator
-        for bits in args.eval_bits:
+        for bits, chunk in itertools.product(args.eval_bits, args.eval_chunk):
             start, cpu_start = time.perf_counter(), time.process_time()
-            accuracy = accuracy_at_length(model, bits, args.eval_strings, seed=0)
+            accuracy = accuracy_at_length(model, bits, args.eval_strings, 0, chunk_len=chunk)
             synchronize(torch.device(args.device))
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             gflops = weight_flops(model) * bits * args.eval_strings / cpu / 1e9
@@ -375,6 +377,7 @@ def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "model": name,
                     "bits": bits,
                     "strings": args.eval_strings,
+                    "chunk_len": chunk,
                     "seconds": round(seconds, 3),
                     "cpu_seconds": round(cpu, 3),
                     "weight_gflops": round(gflops, 2),
@@ -437,6 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
     add("--eval-strings", type=int, default=512)
+    add("--eval-chunk", type=int, nargs="+", default=[CHUNK_LEN], help="bits per chunk to time")
     add("--eval-model", nargs="+", default=["lstm"], choices=MODELS, help="models to evaluate")
     add("--output", default="outputs/bench.json", help="where to write the JSON results")
     return parser.parse_args(argv)
@@ -496,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.eval_bits:
         results["evaluation"] = evaluation_seconds(args)
-        columns = ["model", "bits", "strings", "seconds", "cpu_seconds", "weight_gflops"]
+        columns = ["model", "bits", "chunk_len", "strings", "seconds", "cpu_seconds"]
+        columns += ["weight_gflops"]
         print("\n" + table(results["evaluation"], [*columns, "share_of_peak", "peak_gflops"]))
 
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")

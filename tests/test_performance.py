@@ -35,6 +35,7 @@ def test_bench_writes_every_section(tmp_path: Path) -> None:
         + ["--warmup", "1", "--repeats", "2", "--steps", "2", "--solve-seeds", "1"]
         + ["--solve-overrides", *shrink, "--notebook-seeds", "1", "--notebook-max-steps", "4"]
         + ["--notebook-eval-every", "2", "--eval-bits", "30", "--eval-strings", "4"]
+        + ["--eval-chunk", "8", "30"]
         + ["--output", str(output)]
     )
     results = json.loads(output.read_text())
@@ -59,7 +60,8 @@ def test_bench_writes_every_section(tmp_path: Path) -> None:
     breakdown = results["breakdown"]
     assert breakdown["global_step"] == 3
     assert 0 < breakdown["data_and_eval_share"] < 1
-    assert [(r["bits"], r["strings"]) for r in results["evaluation"]] == [(30, 4)]
+    evaluation = [(r["bits"], r["chunk_len"], r["strings"]) for r in results["evaluation"]]
+    assert evaluation == [(30, 8, 4), (30, 30, 4)]
     assert results["evaluation"][0]["weight_gflops"] > 0
     assert results["evaluation"][0]["share_of_peak"] > 0
 
