@@ -380,8 +380,8 @@ def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "chunk_len": chunk,
                     "seconds": round(seconds, 3),
                     "cpu_seconds": round(cpu, 3),
-                    "weight_gflops": round(gflops, 2),
-                    "share_of_peak": round(gflops / peak, 4),
+                    "weight_gflops": float(f"{gflops:.3g}"),
+                    "share_of_peak": float(f"{gflops / peak:.3g}"),
                     "peak_gflops": round(peak, 1),
                     "accuracy_untrained": accuracy,
                 }
