@@ -14,7 +14,7 @@ from parity_lab.data import encode, key_generator
 from parity_lab.models import ParityRNN
 
 # Bits per chunk. Short chunks keep a chunk's activations (strings x bits x gates) in cache: at 64,
-# 512 strings of 1,000,000 bits take nn.LSTM 34 s of CPU instead of 67 s at 4096, and every other
+# 512 strings of 1,000,000 bits take nn.LSTM 37 s of CPU instead of 66 s at 4096, and every other
 # model measured gains too (python -m parity_lab.bench --eval-bits, docs/performance.md).
 CHUNK_LEN = 64
 
