@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from parity_lab.config import ConfigError, resumable_run, resume_config
+from parity_lab.naming import directory_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -73,7 +74,7 @@ def resume_in_place(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     try:
-        sys.argv = resume_in_place(sys.argv)
+        sys.argv = directory_overrides(resume_in_place(sys.argv))
     except ConfigError as error:
         sys.exit(f"config error: {error}")
     main()

@@ -8,7 +8,9 @@ Measures, each a median over timed repeats after a warm-up (timings on a shared 
   beside the PyTorch notebook's fastest setting (packed ``nn.RNN``, batch 10, lr 1e-2, lengths
   1..20, hidden 8) trained until it solves or reaches a step cap;
 - where a default run's time goes: data generation and evaluation against the whole run;
-- long-string evaluation: seconds to evaluate strings of ``--eval-bits`` bits.
+- long-string evaluation: seconds to evaluate strings of ``--eval-bits`` bits;
+- with ``--startup``, only whole-process start-up: ``python -c "import torch"``, ``predict`` on one
+  string, a bad value refused, and the default run, each as a ratio to ``import torch``.
 
 Prints tables and writes everything to ``--output`` as JSON.
 """
@@ -16,7 +18,9 @@ Prints tables and writes everything to ``--output`` as JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -31,9 +35,37 @@ import torch
 from torch import nn
 
 from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
+from parity_lab.evaluate import CHUNK_LEN
+from parity_lab.models import manual
+from parity_lab.models.manual import ManualLSTM, ManualRecurrent
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MODELS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+TWINS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+# every model of conf/model: the twins first, then the others by name
+MODELS = TWINS + sorted({p.stem for p in (CONF / "model").glob("*.yaml")} - set(TWINS))
+
+
+class PyTorchLSTM(ManualLSTM):
+    """``lstm_manual`` without its C kernel: ``step`` and the hand-written ``step_backward``."""
+
+    def native_layer(self, *_: Any) -> None:
+        return None
+
+
+class AutogradLSTM(PyTorchLSTM):
+    """``lstm_manual``'s ``step`` alone, as a new cell is written: its backward is derived."""
+
+    step_backward = ManualRecurrent.step_backward
+
+
+# Bench-only variants: a config model plus the class that replaces its recurrent core.
+VARIANTS = {
+    "lstm_manual_pytorch": ("lstm_manual", PyTorchLSTM),
+    "lstm_manual_autograd": ("lstm_manual", AutogradLSTM),
+}
+DEFAULT_MODELS = [
+    m for twin in TWINS for m in (twin, *(v for v, (base, _) in VARIANTS.items() if base == twin))
+] + [m for m in MODELS if m not in TWINS]
 
 
 def compose(*overrides: str) -> Any:
@@ -52,28 +84,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(
-    step: Callable[[], None], device: torch.device, warmup: int, repeats: int, steps: int
-) -> tuple[float, float]:
-    """(median, min) milliseconds per call over ``repeats`` timed blocks of ``steps`` calls."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    blocks = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        blocks.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(blocks), min(blocks)
-
-
-def training_step_ms(model_name: str, max_len: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Milliseconds per training step of one model on fixed, pre-generated batches."""
+def make_training_step(
+    model_name: str, max_len: int, args: argparse.Namespace
+) -> Callable[[], None]:
+    """One model's training step (forward, loss, backward, optimizer step) on fixed batches."""
     from hydra.utils import instantiate
 
     overrides = [f"model={model_name}", f"model.hidden_size={args.hidden}"]
+    if model_name in VARIANTS:
+        config_name, core = VARIANTS[model_name]
+        overrides[0] = f"model={config_name}"
+        overrides.append(f"model.rnn._target_={core.__module__}.{core.__qualname__}")
     if args.compile:
         overrides.append(f"model.compile={args.compile}")
     cfg = compose(*overrides)
@@ -89,34 +110,78 @@ def training_step_ms(model_name: str, max_len: int, args: argparse.Namespace) ->
     def step() -> None:
         x, lengths, targets = batches[index[0] % len(batches)]
         index[0] += 1
-        final = model.final_logits(model(x, lengths), lengths)
-        parity = targets.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-        loss = loss_fn(final, parity)
+        last = (lengths - 1).unsqueeze(1)
+        final = model(x, lengths).gather(1, last).squeeze(1)
+        loss = loss_fn(final, targets.gather(1, last).squeeze(1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    ms, ms_min = median_ms(step, device, args.warmup, args.repeats, args.steps)
-    return {
-        "model": model_name,
-        "max_len": max_len,
-        "ms_per_step": round(ms, 4),
-        "ms_per_step_min": round(ms_min, 4),
-        "strings_per_s": round(args.batch / ms * 1e3, 1),
-    }
+    return step
+
+
+def training_step_ms(
+    models: list[str], max_len: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Milliseconds per training step of several models at one max_len, timed in turn.
+
+    Each repeat times one block of ``--steps`` steps of every model, one model after the other,
+    so a change in the machine's load hits all of them alike and their ratios stay meaningful;
+    the median block is reported, and the spread of the blocks beside it.
+    """
+    device = torch.device(args.device)
+    steps = {}
+    for name in models:
+        start = time.perf_counter()
+        steps[name] = make_training_step(name, max_len, args)
+        for _ in range(args.warmup):
+            steps[name]()
+        synchronize(device)
+        steps[name] = (steps[name], time.perf_counter() - start)
+    blocks: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name in models:
+            step = steps[name][0]
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            synchronize(device)
+            blocks[name].append((time.perf_counter() - start) / args.steps * 1e3)
+    rows = []
+    for name in models:
+        ms = statistics.median(blocks[name])
+        rows.append(
+            {
+                "model": name,
+                "max_len": max_len,
+                "ms_per_step": round(ms, 4),
+                "ms_per_step_min": round(min(blocks[name]), 4),
+                "ms_per_step_max": round(max(blocks[name]), 4),
+                "strings_per_s": round(args.batch / ms * 1e3, 1),
+                "setup_s": round(steps[name][1], 3),  # build, first steps, any compilation
+            }
+        )
+    return rows
+
+
+# (numerator, denominator) of the ratios printed beside the throughput table
+PAIRS = [
+    *((f"{m}_manual", m) for m in ("rnn", "lstm", "gru")),
+    ("lstm_manual_pytorch", "lstm"),
+    ("lstm_manual_autograd", "lstm_manual_pytorch"),
+]
 
 
 def ratios(throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Hand-written over built-in ms/step, for every pair measured at the same max_len."""
+    """ms/step ratios of the ``PAIRS`` measured at the same max_len: hand-written over built-in,
+    and a cell's derived backward over its hand-written one."""
     ms = {(r["model"], r["max_len"]): r["ms_per_step"] for r in throughput}
+    lengths = sorted({r["max_len"] for r in throughput})
     return [
-        {
-            "pair": f"{model}/{model.removesuffix('_manual')}",
-            "max_len": max_len,
-            "ratio": round(value / ms[model.removesuffix("_manual"), max_len], 3),
-        }
-        for (model, max_len), value in ms.items()
-        if model.endswith("_manual") and (model.removesuffix("_manual"), max_len) in ms
+        {"pair": f"{a}/{b}", "max_len": n, "ratio": round(ms[a, n] / ms[b, n], 3)}
+        for n in lengths
+        for a, b in PAIRS
+        if (a, n) in ms and (b, n) in ms
     ]
 
 
@@ -268,30 +333,115 @@ def run_breakdown(overrides: list[str]) -> dict[str, Any]:
     }
 
 
+def peak_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """This CPU's float32 matmul GFLOP/s on the torch threads set (a large square matmul, the best
+    of ``repeats``), in CPU time: time the process waited for other processes does not count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def weight_flops(model: nn.Module) -> int:
+    """FLOPs per string and time step of the weight matrices (one multiply-add per weight):
+    the arithmetic a recurrent layer cannot avoid. The head reads only the last position."""
+    return 2 * sum(
+        p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "head" not in name
+    )
+
+
 def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Seconds to evaluate ``--eval-strings`` strings of each length in ``--eval-bits``."""
+    """Seconds to evaluate ``--eval-strings`` strings of each length in ``--eval-bits``, with
+    each ``--eval-model``; beside it the weight FLOP/s achieved, against ``peak_gflops``."""
     from hydra.utils import instantiate
 
     from parity_lab.evaluate import accuracy_at_length
 
-    cfg = compose(f"model={args.eval_model}", f"model.hidden_size={args.hidden}")
-    torch.manual_seed(0)
-    model = instantiate(cfg.model).to(args.device).eval()
+    peak = peak_gflops()
     results = []
-    for bits in args.eval_bits:
-        start = time.perf_counter()
-        accuracy = accuracy_at_length(model, bits, args.eval_strings, seed=0)
-        synchronize(torch.device(args.device))
-        results.append(
-            {
-                "model": args.eval_model,
-                "bits": bits,
-                "strings": args.eval_strings,
-                "seconds": round(time.perf_counter() - start, 3),
-                "accuracy_untrained": accuracy,
-            }
-        )
+    for name in args.eval_model:
+        cfg = compose(f"model={name}", f"model.hidden_size={args.hidden}")
+        torch.manual_seed(0)
+        model = instantiate(cfg.model).to(args.device).eval()
+        accuracy_at_length(model, 64, args.eval_strings, seed=0)  # warm-up: kernels, allocator
+        for bits, chunk in itertools.product(args.eval_bits, args.eval_chunk):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            accuracy = accuracy_at_length(model, bits, args.eval_strings, 0, chunk_len=chunk)
+            synchronize(torch.device(args.device))
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            gflops = weight_flops(model) * bits * args.eval_strings / cpu / 1e9
+            results.append(
+                {
+                    "model": name,
+                    "bits": bits,
+                    "strings": args.eval_strings,
+                    "chunk_len": chunk,
+                    "seconds": round(seconds, 3),
+                    "cpu_seconds": round(cpu, 3),
+                    "weight_gflops": float(f"{gflops:.3g}"),
+                    "share_of_peak": float(f"{gflops / peak:.3g}"),
+                    "peak_gflops": round(peak, 1),
+                    "accuracy_untrained": accuracy,
+                }
+            )
     return results
+
+
+def startup_times(repeats: int, overrides: list[str]) -> dict[str, Any]:
+    """Median wall seconds of whole processes, and each one's ratio to ``import torch``.
+
+    The commands take turns, ``repeats`` rounds, so a change in the machine's load hits each alike.
+    The default run is timed with ``overrides`` and ``predict`` reads the first such run.
+    """
+    python = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        first_run = Path(tmp) / "run_0"
+        commands: dict[str, Callable[[int], list[str]]] = {
+            "import torch": lambda _: [python, "-c", "import torch"],
+            "import lightning": lambda _: [python, "-c", "import lightning"],
+            "default run": lambda i: [
+                python,
+                "-m",
+                "parity_lab",
+                *overrides,
+                f"hydra.run.dir={Path(tmp) / f'run_{i}'}",
+            ],
+            "predict 0101": lambda _: [python, "-m", "parity_lab.predict", str(first_run), "0101"],
+            "bad value": lambda _: [
+                python,
+                "-m",
+                "parity_lab",
+                "model.hidden_size=2.5",
+                f"hydra.run.dir={tmp}/bad",
+            ],
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in commands}
+        for i in range(repeats):
+            for name, command in commands.items():
+                start = time.perf_counter()
+                done = subprocess.run(command(i), capture_output=True, text=True, cwd=CONF.parent)
+                seconds[name].append(round(time.perf_counter() - start, 3))
+                if (done.returncode == 0) == (name == "bad value"):
+                    raise RuntimeError(f"{name}: exit status {done.returncode}\n{done.stderr}")
+        if (Path(tmp) / "bad").exists():
+            raise RuntimeError("bad value: a run directory was left behind")
+    torch_s = statistics.median(seconds["import torch"])
+    return {
+        "overrides": overrides,
+        "rows": [
+            {
+                "command": name,
+                "median_s": round(statistics.median(times), 3),
+                "ratio_to_import_torch": round(statistics.median(times) / torch_s, 2),
+                "seconds": times,
+            }
+            for name, times in seconds.items()
+        ],
+    }
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -308,7 +458,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m parity_lab.bench", description=__doc__.split("\n")[0]
     )
     add = parser.add_argument
-    add("--models", nargs="+", default=MODELS, choices=MODELS, help="models to time")
+    add(
+        "--models",
+        nargs="+",
+        default=MODELS,
+        choices=MODELS + list(VARIANTS),
+        help="models to time",
+    )
     add("--batch", type=int, default=128, help="strings per training step")
     add("--min-len", type=int, default=1)
     add("--max-len", type=int, nargs="+", default=[20], help="one or more max_len to time")
@@ -317,6 +473,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--threads", type=int, default=1, help="torch CPU threads")
     add("--compile", default=None, help="model.compile mode for the timed models (e.g. default)")
     add("--warmup", type=int, default=10, help="untimed steps before timing")
+    add(
+        "--compile-after",
+        type=int,
+        default=0,
+        help="time steps a cell without step_backward runs eagerly before its derived graphs are "
+        "compiled (training runs: 200000; 0 here times the compiled steady state, -1 never)",
+    )
     add("--repeats", type=int, default=7, help="timed blocks; the median block is reported")
     add("--steps", type=int, default=20, help="training steps per timed block")
     add("--solve-seeds", type=int, default=5, help="seeds of the default run to time (0: skip)")
@@ -332,7 +495,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
     add("--eval-strings", type=int, default=512)
-    add("--eval-model", default="lstm", choices=MODELS)
+    add("--eval-chunk", type=int, nargs="+", default=[CHUNK_LEN], help="bits per chunk to time")
+    add("--eval-model", nargs="+", default=["lstm"], choices=MODELS, help="models to evaluate")
+    add(
+        "--startup",
+        action="store_true",
+        help="only time whole processes (import torch, predict, a bad value, the default run)",
+    )
+    add("--startup-repeats", type=int, default=5, help="rounds of the --startup commands")
     add("--output", default="outputs/bench.json", help="where to write the JSON results")
     return parser.parse_args(argv)
 
@@ -340,6 +510,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    manual.COMPILE_AFTER = args.compile_after
     results: dict[str, Any] = {
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "machine": {
@@ -350,12 +521,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else "cpu",
         },
     }
-    throughput = [training_step_ms(m, n, args) for n in args.max_len for m in args.models]
+    if args.startup:
+        results["startup"] = startup_times(args.startup_repeats, args.solve_overrides)
+        print(table(results["startup"]["rows"], ["command", "median_s", "ratio_to_import_torch"]))
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwritten to {args.output}")
+        return results
+    throughput = [row for n in args.max_len for row in training_step_ms(args.models, n, args)]
     results["throughput"] = throughput
     results["ratios"] = ratios(throughput)
-    print(
-        table(throughput, ["model", "max_len", "ms_per_step", "ms_per_step_min", "strings_per_s"])
-    )
+    columns = ["model", "max_len", "ms_per_step", "ms_per_step_min", "ms_per_step_max"]
+    print(table(throughput, [*columns, "strings_per_s", "setup_s"]))
     if results["ratios"]:
         print("\n" + table(results["ratios"], ["pair", "max_len", "ratio"]))
 
@@ -391,7 +567,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.eval_bits:
         results["evaluation"] = evaluation_seconds(args)
-        print("\n" + table(results["evaluation"], ["model", "bits", "strings", "seconds"]))
+        columns = ["model", "bits", "chunk_len", "strings", "seconds", "cpu_seconds"]
+        columns += ["weight_gflops"]
+        print("\n" + table(results["evaluation"], [*columns, "share_of_peak", "peak_gflops"]))
 
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten to {args.output}")

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab import (
@@ -140,3 +141,15 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "num_threads", 1)
     if cfg.resume is not None:
         resumable_run(str(cfg.resume))
+
+
+class ValidateBeforeRun(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a single run's config is checked
+    before Hydra creates the run directory and before torch loads, so a bad value costs a fraction
+    of a second and leaves nothing behind. Sweep jobs are checked in the job (``error.txt``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate(config)
+        except ConfigError as error:
+            raise SystemExit(f"config error: {error}") from None

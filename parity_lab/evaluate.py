@@ -13,6 +13,11 @@ import torch
 from parity_lab.data import encode, key_generator
 from parity_lab.models import ParityRNN
 
+# Bits per chunk. Short chunks keep a chunk's activations (strings x bits x gates) in cache: at 64,
+# 512 strings of 1,000,000 bits take nn.LSTM 37 s of CPU instead of 66 s at 4096, and every other
+# model measured gains too (python -m parity_lab.bench --eval-bits, docs/performance.md).
+CHUNK_LEN = 64
+
 
 @torch.inference_mode()
 def accuracy_at_length(
@@ -21,7 +26,7 @@ def accuracy_at_length(
     num_strings: int,
     seed: int,
     encoding: str = "bit",
-    chunk_len: int = 4096,
+    chunk_len: int = CHUNK_LEN,
 ) -> float:
     """Share of ``num_strings`` random strings of exactly ``length`` bits whose parity is right.
 
@@ -83,7 +88,7 @@ def accuracy_by_length(
     num_strings: int,
     seed: int,
     encoding: str = "bit",
-    chunk_len: int = 4096,
+    chunk_len: int = CHUNK_LEN,
 ) -> dict[int, float]:
     """Accuracy at every length in ``lengths``, from one pass over ``num_strings`` streams.
 

@@ -12,30 +12,34 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
 from parity_lab.config import validate
 from parity_lab.curve import length_curve
 from parity_lab.evaluate import readable_lengths, skip_note
-from parity_lab.module import ParityModule
+from parity_lab.module import ParityModule, metric_name
+from parity_lab.tensorboard_log import RunLogger, log_run_record
 
 
-def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
-    """The run's settings, flattened to ``group/key`` for TensorBoard's HParams tab."""
-    flat: dict[str, Any] = {}
+def result_scalars(metrics: dict[str, Any], validated_last_step: bool) -> dict[str, float]:
+    """The run's results as TensorBoard scalars at its last step, where no series holds them yet.
 
-    def visit(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not key.startswith("_") or key == "_target_":  # _target_ names the model
-                    visit(value, f"{prefix}{key}/")
-        else:
-            flat[prefix[:-1]] = str(node) if isinstance(node, list) or node is None else node
-
-    visit(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    The final evaluation re-scores the validation sets (``val/acc``, ``test/acc_len_<L>``), so it
+    joins the ``val/`` series only if training ended between two validations.
+    """
+    scalars = {"val/solved": float(metrics["solved"]), "train/seconds": metrics["train_seconds"]}
+    if not validated_last_step:
+        scalars["val/acc"] = metrics["val/acc"]
+        for key, value in metrics.items():
+            if key.startswith("test/acc_len_"):
+                scalars[key.replace("test/", "val/", 1)] = value
+    if metrics["solved_step"] is not None:
+        scalars["val/solved_step"] = metrics["solved_step"]
+    for key in ("test/exact_until", "test/acc_unseen"):  # measured with eval.curve
+        if key in metrics:
+            scalars[key.replace("test/", "val/", 1)] = metrics[key]
+    return scalars
 
 
 def scaled_accuracies(metrics: dict[str, Any]) -> dict[str, float]:
@@ -51,7 +55,7 @@ def scaled_accuracies(metrics: dict[str, Any]) -> dict[str, float]:
     return scaled
 
 
-def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
+def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_parameters: int) -> str:
     accuracies = "  ".join(
         f"{'val' if name == 'val/acc' else 'len ' + name.rsplit('_', 1)[1]}: {value:.3f}"
         for name, value in metrics.items()
@@ -75,7 +79,8 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
         else "not solved"
     )
     return (
-        f"\n{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden={cfg.model.hidden_size}, lengths "
+        f"\n{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden={cfg.model.hidden_size} "
+        f"({num_parameters:,} parameters), lengths "
         f"{cfg.data.min_len}..{cfg.data.max_len}, {cfg.data.supervision} labels: {solved}; "
         f"{metrics['global_step']} steps in {metrics['train_seconds']:.1f} s\n"
         f"  accuracy  {accuracies}\n"
@@ -120,12 +125,17 @@ def train(
         eval_names=datamodule.eval_names,
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None,
     )
-    logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
+    logger = RunLogger(run_dir, name="", version="", default_hp_metric=False)
     solved = SolvedTracker(cfg.eval.stop_when_solved and not skipped)
     checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     callbacks: list[L.Callback] = [solved, checkpoint]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TrainingProgressBar(refresh_rate=25))  # redrawing costs time per step
+        bar = TrainingProgressBar(
+            refresh_rate=25,  # redrawing costs time per step
+            batches_per_epoch=datamodule.batches_per_epoch,
+            open_ended=cfg.eval.stop_when_solved,
+        )
+        callbacks.append(bar)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=logger,
@@ -140,9 +150,11 @@ def train(
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     train_seconds = time.perf_counter() - start
 
-    metrics: dict[str, Any] = {}
-    for results in trainer.test(module, datamodule=datamodule, verbose=False):
-        metrics.update(results)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics: dict[str, Any] = {  # the module logs the test pass for metrics.json only
+        name: trainer.callback_metrics[name].item()
+        for name in (metric_name("test", set_name) for set_name in datamodule.eval_names)
+    }
     metrics["solved"] = not skipped and all(v == 1.0 for k, v in metrics.items() if "acc" in k)
     metrics.update(scaled_accuracies(metrics))
     metrics["solved_step"] = None if skipped else solved.solved_step
@@ -150,18 +162,17 @@ def train(
         metrics["test/skipped_lengths"] = skipped
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
+    step = metrics["global_step"]
     if cfg.eval.curve.max_len is not None and (metrics["solved"] or not cfg.eval.curve.only_solved):
-        metrics.update(
-            length_curve(module.model, cfg, run_dir, logger.experiment, metrics["global_step"])
-        )
+        metrics.update(length_curve(module.model, cfg, run_dir, logger.experiment, step))
 
-    # final/: the HParams tab's metrics, logged once at the last step, apart from the curves.
-    logger.log_hyperparams(
-        hyperparameters(cfg),
-        metrics={f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)},
-        step=trainer.global_step,
-    )
-    logger.finalize("success")  # flush and close the event file before returning
+    writer = logger.experiment
+    for tag, value in result_scalars(metrics, solved.validated_step == step).items():
+        writer.add_scalar(tag, value, step)
+    num_parameters = sum(p.numel() for p in module.model.parameters())
+    printed = summary(cfg, metrics, run_dir, num_parameters)
+    log_run_record(writer, cfg, run_dir, printed, step)
+    logger.close()
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(summary(cfg, metrics, run_dir))
+    print(printed)
     return metrics

@@ -17,7 +17,7 @@ from parity_lab.evaluate import accuracy_at_length
 from parity_lab.models import MLSTM, SLSTM, CausalTransformer, DeltaNet, LinearRNN, ParityRNN
 from parity_lab.models.deltanet import delta_rule
 from parity_lab.models.handset import handset_linear_rnn
-from parity_lab.models.linear_rnn import linear_scan
+from parity_lab.models.linear_rnn import PIECE, linear_scan
 from parity_lab.train import train
 from tests.conftest import compose_config
 from tests.test_science import every_string
@@ -33,7 +33,7 @@ def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -
     return torch.stack(states, dim=1)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 7, 8, 33])
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 16, 33, 50])
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_scan_outputs_and_gradients_equal_the_sequential_loop(steps: int, with_h0: bool) -> None:
     generator = torch.Generator().manual_seed(steps)
@@ -331,3 +331,16 @@ def test_signed_linear_rnn_learns_parity_and_generalises_where_positive_cannot(
     assert signed["solved"], signed
     assert signed["val/acc"] == 1.0 and signed["test/acc_len_200"] == 1.0
     assert not positive["solved"] and positive["test/acc_len_200"] < 0.75, positive
+
+
+def test_linear_rnn_reads_long_inputs_piecewise_with_the_same_result() -> None:
+    torch.manual_seed(0)
+    core = LinearRNN(1, 4, num_layers=2, eigenvalues="signed").double()
+    x = torch.randint(0, 2, (3, PIECE * 2 + 5, 1)).double()
+    outputs, state = core(x)
+    reference, h = [], None
+    for t in range(x.shape[1]):  # one step at a time: never more than one piece
+        output, h = core(x[:, t : t + 1], h)
+        reference.append(output)
+    torch.testing.assert_close(outputs, torch.cat(reference, dim=1))
+    torch.testing.assert_close(state, h)

@@ -18,7 +18,7 @@ from parity_lab.evaluate import accuracy_at_length, accuracy_by_length, curve_le
 from parity_lab.models import ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn
 from parity_lab.train import train
-from tests.conftest import event_tags
+from tests.conftest import event_tags, scalar_series
 
 HANDSET = [handset_lstm, handset_gru, handset_rnn]
 
@@ -103,7 +103,10 @@ def test_length_curve_reports_lengths_beyond_training(make_config, tmp_path: Pat
     assert exact == max(curve) or min(acc for n, acc in curve.items() if n > exact) < 1.0
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert (tmp_path / "length_curve.png").stat().st_size > 0
-    assert "test/length_curve" in event_tags(tmp_path, "images")
+    assert "val/length_curve" in event_tags(tmp_path, "images")
+    # The curve is also a scalar series with step = length, so runs overlay in Time Series.
+    assert dict(scalar_series(tmp_path, "val/acc_by_length")) == pytest.approx(curve)
+    assert scalar_series(tmp_path, "val/exact_until") == [(metrics["global_step"], exact)]
 
 
 def test_curricula_pick_lengths_by_step_and_stay_reproducible() -> None:
@@ -176,6 +179,28 @@ def test_analyze_command_on_a_run_dir(make_config, tmp_path: Path, capsys) -> No
     assert len(saved["automaton"]["transitions"]) == 2
     assert (tmp_path / "analysis" / "trajectories.png").stat().st_size > 0
     assert "analysis/trajectories" in event_tags(tmp_path, "images")
+
+
+def test_analyze_says_first_that_an_unsolved_run_is_unsolved(
+    make_config, tmp_path: Path, capsys
+) -> None:
+    """An untrained network is not parity: the first line says so, and no probe claims that it
+    holds the parity of any prefix."""
+    cfg = make_config("model=lstm", "model.hidden_size=4")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "checkpoints").mkdir()
+    torch.manual_seed(0)
+    untrained = ParityRNN(torch.nn.LSTM, input_size=1, hidden_size=4)
+    state = {f"model.{k}": v for k, v in untrained.state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 0}, tmp_path / "checkpoints" / "last.ckpt")
+    (tmp_path / "metrics.json").write_text(json.dumps({"val/acc": 0.5, "solved": False}))
+
+    analyze.main([str(tmp_path), "--strings", "32", "--max-clusters", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "NOT solved" in lines[0] and "val/acc 0.500" in lines[0]
+    assert "it is NOT the 2-state parity automaton" in "\n".join(lines)
+    assert not any("holds" in line for line in lines)
 
 
 @pytest.mark.parametrize("build", HANDSET)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from parity_lab.train import train
-from tests.conftest import CONF, FAST, ROOT, event_tags
+from tests.conftest import CONF, FAST, ROOT, event_tags, scalar_series
 
 MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
 
@@ -41,6 +41,43 @@ def test_every_step_pair_encoding_fixed_set_runs(make_config, tmp_path: Path) ->
     assert metrics["global_step"] == 6  # 2 epochs of ceil(40 / 16) batches
 
 
+def progress_bar_text(capsys: pytest.CaptureFixture) -> str:
+    """Everything the progress bar drew, one redraw per line."""
+    return capsys.readouterr().out.replace("\r", "\n")
+
+
+def test_progress_bar_counts_steps_without_a_total_when_the_run_stops_once_solved(
+    make_config, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = make_config(
+        "trainer.enable_progress_bar=true",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=10",
+        "model.hidden_size=2",
+    )
+    train(cfg, run_dir=tmp_path)
+    out = progress_bar_text(capsys)
+    assert "Training: 30 steps [" in out and "val/acc=" in out and "train/loss=" in out
+    assert "/30" not in out and "<" not in out.split("Training:")[-1]  # no total, no ETA
+    assert "LSTM hidden=2 (43 parameters)" in out  # 4 gates x 2 x (1 + 2) + 2 x 8 biases + 3
+
+
+def test_progress_bar_total_is_the_epoch_on_a_fixed_training_set(
+    make_config, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = make_config(
+        "trainer.enable_progress_bar=true",
+        "data.num_train=40",
+        "data.batch_size=16",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=2",
+    )
+    train(cfg, run_dir=tmp_path)
+    out = progress_bar_text(capsys)
+    assert "Epoch 1: 100%" in out and "3/3 [" in out  # ceil(40 / 16) batches per epoch
+    assert "/?" not in out
+
+
 def test_small_lstm_learns_parity_of_short_strings(make_config, tmp_path: Path) -> None:
     """A real learning run: 100% on held-out strings of lengths 1..8 and beyond."""
     cfg = make_config(
@@ -59,6 +96,10 @@ def test_small_lstm_learns_parity_of_short_strings(make_config, tmp_path: Path) 
     assert metrics["global_step"] == metrics["solved_step"]  # stop_when_solved
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert {"train/loss", "train/acc", "val/acc", "val/acc_len_16"} <= event_tags(tmp_path)
+    # TensorBoard's validation steps count steps as solved_step does: solved there, not before.
+    val_acc = dict(scalar_series(tmp_path, "val/acc"))
+    assert val_acc[metrics["solved_step"]] == 1.0
+    assert all(acc < 1.0 for step, acc in val_acc.items() if step < metrics["solved_step"])
 
 
 def test_multirun_leaves_one_run_dir_per_job(tmp_path: Path) -> None:
@@ -75,8 +116,7 @@ def test_multirun_leaves_one_run_dir_per_job(tmp_path: Path) -> None:
     ]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
     jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
-    assert [job.name[:2] for job in jobs] == ["0_", "1_"]  # job number, then the overrides
-    assert "model=rnn" in jobs[0].name.split(",") and "model=gru" in jobs[1].name.split(",")
+    assert [job.name for job in jobs] == ["0_model=rnn", "1_model=gru"]  # only what differs
     for job in jobs:
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["global_step"] == 20
