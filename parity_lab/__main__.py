@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 import sys
 import traceback
 import warnings
@@ -12,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from parity_lab.config import ConfigError, resumable_run, resume_config
+from parity_lab.config import ConfigError, literal, resume_config
+from parity_lab.run_files import write_atomic
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -39,7 +41,7 @@ def main(cfg: DictConfig) -> float:
     except Exception as error:
         if isinstance(error, ConfigError) and not in_sweep:
             sys.exit(f"config error: {error}")
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        write_atomic(run_dir / "error.txt", traceback.format_exc())
         if in_sweep:
             print(f"job {hydra_cfg.job.num} failed: {error} ({run_dir})", file=sys.stderr)
             return math.nan
@@ -48,27 +50,48 @@ def main(cfg: DictConfig) -> float:
         raise
 
 
+RESUME = re.compile(r"\+{0,2}resume=(.*)", re.DOTALL)
+
+
+def hydra_quoted(text: str) -> str:
+    """``text`` as a quoted value of Hydra's override grammar that reads back as exactly ``text``,
+    whatever it holds (``=``, ``,``, spaces, brackets, quotes, ``${``, backslashes)."""
+    text = literal(text)  # ${ would be read as an interpolation even inside quotes
+    text = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)  # a quote and its backslashes
+    text = re.sub(r"(\\+)$", lambda m: m[1] * 2, text)  # backslashes before the closing quote
+    return f"'{text}'"
+
+
 def resume_in_place(argv: list[str]) -> list[str]:
     """For ``resume=RUN_DIR``, point Hydra at RUN_DIR itself and keep the run's own ``.hydra/``.
 
-    Checked before Hydra starts, since Hydra would create a missing run directory.
+    RUN_DIR is taken as typed (a sweep job's directory name holds ``=`` and ``,``), quoted for
+    Hydra's grammar. Checked before Hydra starts, since Hydra would create a missing directory.
     """
-    resumes = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("resume=")]
-    if not resumes or resumes[-1] == "null" or {"-m", "--multirun"} & set(argv):
+    resumes = [(i, m[1]) for i, arg in enumerate(argv) if i and (m := RESUME.fullmatch(arg))]
+    if not resumes or resumes[-1][1] == "null" or {"-m", "--multirun"} & set(argv):
         return argv
-    run_dir = resumes[-1]
-    resumable_run(run_dir)
+    run_dir = resumes[-1][1]
+    resume_config(run_dir)  # an unfinished run whose config builds only the project's classes
     others = [
         arg
-        for arg in argv[1:]
-        if "=" in arg and not arg.startswith(("-", "resume=", "hydra.", "hydra/"))
+        for i, arg in enumerate(argv[1:], 1)
+        if i not in dict(resumes) and not arg.startswith(("-", "hydra.", "hydra/"))
     ]
     if others:
         raise ConfigError(
             f"resume={run_dir!r} continues the run with its own config "
             f"({run_dir}/.hydra/config.yaml): drop the overrides {others}"
         )
-    return [*argv, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    flags = [arg for i, arg in enumerate(argv[1:], 1) if i not in dict(resumes)]
+    value = hydra_quoted(run_dir)
+    return [
+        argv[0],
+        *flags,
+        f"resume={value}",
+        f"hydra.run.dir={value}",
+        "hydra.output_subdir=null",
+    ]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab import COMPILE_MODES, ENCODING_SIZES, READOUTS, SCHEDULES
+from parity_lab.run_files import (
+    CorruptResultError,
+    UnsafeConfigError,
+    checked_config,
+    read_metrics,
+)
 
 SUPERVISIONS = ("final", "every_step")
 
@@ -19,24 +26,48 @@ class ConfigError(ValueError):
 
 
 def resumable_run(run_dir: str) -> Path:
-    """The run directory ``resume=`` names, if it holds an unfinished run; else ``ConfigError``."""
+    """The run directory ``resume=`` names, if it holds an unfinished run; else ``ConfigError``.
+
+    A ``metrics.json`` that cannot be read as one (a write cut short) leaves the run unfinished.
+    """
     path = Path(run_dir)
     if not (path / ".hydra" / "config.yaml").is_file():
         raise ConfigError(
             f"resume={run_dir!r} is invalid: expected a run directory holding .hydra/config.yaml"
         )
-    if (path / "metrics.json").is_file():
-        raise ConfigError(
-            f"resume={run_dir!r} is invalid: that run already finished (it has metrics.json)"
-        )
-    return path
+    try:
+        read_metrics(path / "metrics.json")
+    except (CorruptResultError, FileNotFoundError):
+        return path
+    raise ConfigError(
+        f"resume={run_dir!r} is invalid: that run already finished (it has metrics.json)"
+    )
 
 
 def resume_config(run_dir: str) -> DictConfig:
-    """The config an unfinished run was started with, set to resume it in its own directory."""
-    cfg = OmegaConf.load(resumable_run(run_dir) / ".hydra" / "config.yaml")
-    cfg.resume = run_dir
+    """The config an unfinished run was started with, set to resume it in its own directory.
+
+    It builds nothing but the project's own classes: any other ``_target_`` is refused.
+    """
+    config_path = resumable_run(run_dir) / ".hydra" / "config.yaml"
+    try:
+        cfg = OmegaConf.load(config_path)
+        checked_config(cfg, config_path)
+    except UnsafeConfigError as error:
+        raise ConfigError(str(error)) from None
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(f"{config_path}: not a run config ({reason})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{config_path}: not a run config (expected a mapping)")
+    cfg.resume = literal(run_dir)
     return cfg
+
+
+def literal(text: str) -> str:
+    """``text`` as an OmegaConf string value that reads back as ``text``: ``${`` escaped, so a
+    directory name holding one is not taken for an interpolation."""
+    return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", text)
 
 
 def _value(cfg: DictConfig, key: str) -> Any:

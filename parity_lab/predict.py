@@ -3,9 +3,9 @@
 Prints one line per string, ``bits<TAB>parity<TAB>probability``: ``probability`` is the model's
 probability that the string's parity is 1, and ``parity`` is 1 exactly when it exceeds 0.5.
 Strings come from the command line, or from stdin (one per line) when none are given. The model
-is rebuilt from ``RUN_DIR/.hydra/config.yaml`` and its weights are read from
-``RUN_DIR/checkpoints/last.ckpt`` with ``torch.load(weights_only=True)``, which never runs code
-stored in the file.
+is rebuilt from ``RUN_DIR/.hydra/config.yaml``, only from the project's own model classes, and
+its weights are read from ``RUN_DIR/checkpoints/last.ckpt`` with ``torch.load(weights_only=True)``,
+which never runs code stored in the file.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parity_lab.data import encode
 from parity_lab.models import ParityRNN
+from parity_lab.run_files import UnsafeConfigError, checked_config
 
 BIT_STRING = re.compile("[01]+")
 
@@ -37,27 +38,50 @@ def check_bit_strings(strings: list[str]) -> None:
 
 
 def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
-    """The run's model with the weights of its last checkpoint, and the run's config."""
+    """The run's model with the weights of its last checkpoint, and the run's config.
+
+    The model is built only from the classes the project's ``conf/model/`` files name and plain
+    values: a run directory is data, and any other ``_target_`` in it is refused unbuilt.
+    """
     config_path = run_dir / ".hydra" / "config.yaml"
     checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
     if not config_path.is_file():
         raise PredictError(f"{config_path} not found: expected the directory of a run")
     if not checkpoint_path.is_file():
         raise PredictError(f"{checkpoint_path} not found: the run has not saved a checkpoint yet")
-    cfg = OmegaConf.load(config_path)
+    try:
+        cfg = OmegaConf.load(config_path)
+        model_cfg = checked_config(cfg.model, config_path, "model")
+    except UnsafeConfigError as error:
+        raise PredictError(str(error)) from None
+    except Exception as error:
+        raise PredictError(f"{config_path}: not a run config ({first_line(error)})") from None
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        state_dict = checkpoint["state_dict"]
     except Exception as error:  # the weights-only unpickler refuses anything but plain data
-        reason = str(error).strip().splitlines()[0]
-        raise PredictError(f"cannot load {checkpoint_path} as weights only: {reason}") from error
-    model: ParityRNN = instantiate(cfg.model)
-    weights = {
-        name.removeprefix("model."): tensor
-        for name, tensor in checkpoint["state_dict"].items()
-        if name.startswith("model.")
-    }
-    model.load_state_dict(weights)
+        raise PredictError(
+            f"cannot load {checkpoint_path} as weights only: {first_line(error)}"
+        ) from None
+    try:
+        model: ParityRNN = instantiate(model_cfg)
+        weights = {
+            name.removeprefix("model."): tensor
+            for name, tensor in state_dict.items()
+            if name.startswith("model.")
+        }
+        model.load_state_dict(weights)
+    except Exception as error:
+        raise PredictError(
+            f"{checkpoint_path} does not fit the model of {config_path}: {first_line(error)}"
+        ) from None
     return model.eval(), cfg
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message on one line (load_state_dict's run over many)."""
+    text = " ".join(str(error).split())
+    return (text if len(text) <= 200 else text[:200] + "...") or error.__class__.__name__
 
 
 @torch.no_grad()

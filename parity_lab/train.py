@@ -19,6 +19,7 @@ from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgress
 from parity_lab.config import validate
 from parity_lab.curve import length_curve
 from parity_lab.module import ParityModule
+from parity_lab.run_files import write_atomic
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -131,6 +132,6 @@ def train(
         step=trainer.global_step,
     )
     logger.finalize("success")  # flush and close the event file before returning
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(summary(cfg, metrics, run_dir))
     return metrics

@@ -94,7 +94,7 @@ def test_bad_value_is_rejected_naming_key_value_and_rule(
 def test_finished_run_cannot_be_resumed(tmp_path: Path) -> None:
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\n")
-    (tmp_path / "metrics.json").write_text("{}\n")
+    (tmp_path / "metrics.json").write_text('{"val/acc": 1.0, "solved": true}\n')
     with pytest.raises(ConfigError, match="already finished"):
         resume_config(str(tmp_path))
 
@@ -131,9 +131,16 @@ def test_resume_refuses_other_overrides(tmp_path: Path) -> None:
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\n")
     argv = ["parity_lab", f"resume={tmp_path}"]
-    assert resume_in_place(argv) == [*argv, f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"]
-    with pytest.raises(ConfigError, match=r"drop the overrides \['trainer.max_steps=9'\]"):
-        resume_in_place([*argv, "trainer.max_steps=9"])
+    quoted = f"'{tmp_path}'"
+    assert resume_in_place(argv) == [
+        "parity_lab",
+        f"resume={quoted}",
+        f"hydra.run.dir={quoted}",
+        "hydra.output_subdir=null",
+    ]
+    for resume in (f"resume={tmp_path}", f"+resume={tmp_path}", f"++resume={tmp_path}"):
+        with pytest.raises(ConfigError, match=r"drop the overrides \['trainer.max_steps=9'\]"):
+            resume_in_place(["parity_lab", resume, "trainer.max_steps=9"])
 
 
 # 2. Non-finite loss and gradient clipping -------------------------------------------------------

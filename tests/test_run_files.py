@@ -1,0 +1,214 @@
+"""A run directory is data: predict, analyze and resume build only the project's own classes from
+it, and result files are written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from parity_lab.config import ConfigError, resume_config
+from parity_lab.predict import PredictError, load_run
+from parity_lab.run_files import write_atomic
+from parity_lab.train import train
+from tests.conftest import ROOT, compose_config
+
+TINY = [
+    "eval.num_val=16",
+    "eval.num_test=16",
+    "eval.lengths=[8]",
+    "trainer.enable_progress_bar=false",
+    "eval.stop_when_solved=false",
+    "trainer.val_check_interval=5",
+    "model.hidden_size=4",
+]
+
+
+def make_run(run_dir: Path, *overrides: str, finished: bool = True) -> Path:
+    """A real run directory: ``.hydra/config.yaml``, checkpoint, and metrics.json if finished."""
+    cfg = compose_config(*TINY, "trainer.max_steps=5", *overrides)
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    train(cfg, run_dir=run_dir)
+    if not finished:
+        (run_dir / "metrics.json").unlink()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return make_run(tmp_path_factory.mktemp("run_files") / "run")
+
+
+def copy_with_config(run: Path, to: Path, edit: dict[str, Any]) -> Path:
+    """A copy of ``run`` whose ``.hydra/config.yaml`` has the dotted keys in ``edit`` set."""
+    shutil.copytree(run, to)
+    cfg = OmegaConf.load(to / ".hydra" / "config.yaml")
+    for key, value in edit.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    (to / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return to
+
+
+# Each would create MARKER if it were called: open(MARKER, "w") or os.makedirs(MARKER).
+def malicious(marker: Path) -> dict[str, dict[str, Any]]:
+    opener = {"_target_": "builtins.open", "_args_": [str(marker), "w"]}
+    return {
+        "nested": {"model.rnn": {"_target_": "os.makedirs", "name": str(marker)}},
+        "top": {"model._target_": "builtins.open", "model.file": str(marker), "model.mode": "w"},
+        "partial": {"model.rnn": {**opener, "_partial_": True}},
+        "inside-args": {"model.rnn._args_": [opener]},
+        "list-in-list": {"model.extra": [[{"x": opener}]]},
+        "interpolated": {"evil": "os.makedirs", "model.rnn._target_": "${evil}"},
+        "torch-load": {
+            "model.rnn": {"_target_": "torch.load", "f": str(marker), "weights_only": False}
+        },
+        "through-models": {"model.rnn._target_": "parity_lab.models.classifier.torch.load"},
+    }
+
+
+CASES = list(malicious(Path("m")))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_predict_refuses_any_foreign_target_and_calls_nothing(
+    case: str, finished_run: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    if case == "torch-load":  # a pickle that would create the marker when unpickled
+        torch.save({"x": 1}, marker)
+    run = copy_with_config(finished_run, tmp_path / "run", malicious(marker)[case])
+    existed = marker.exists()
+    with pytest.raises(PredictError) as caught:
+        load_run(run)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(run / ".hydra" / "config.yaml") in message and "refusing model." in message
+    assert marker.exists() == existed and (not existed or marker.is_file())
+
+
+def test_predict_cli_names_the_target_and_the_file_and_creates_nothing(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    run = copy_with_config(finished_run, tmp_path / "run", malicious(marker)["nested"])
+    for module in ("parity_lab.predict", "parity_lab.analyze"):
+        command = [sys.executable, "-m", module, str(run), *(["01"] if "predict" in module else [])]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        name = module.rsplit(".", 1)[1]
+        assert result.stderr == (
+            f"{name}: {run / '.hydra' / 'config.yaml'}: refusing model.rnn._target_='os.makedirs':"
+            " a run directory may only name the project's own classes (those in conf/model/)\n"
+        )
+        assert not marker.exists()
+
+
+def test_model_classes_of_the_package_load_without_a_yaml(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    """Any nn.Module class defined under parity_lab.models is accepted (a new model needs no
+    allow-list edit), whatever the path it is named by."""
+    edit = {"model._target_": "parity_lab.models.classifier.ParityRNN"}
+    model, _ = load_run(copy_with_config(finished_run, tmp_path / "run", edit))
+    assert type(model).__name__ == "ParityRNN"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"loss._target_": "os.makedirs"},
+        {"optimizer._target_": "builtins.open"},
+        {"data.curriculum": {"_target_": "os.system", "_args_": ["true"]}},
+        {"trainer.callbacks": [{"_target_": "os.makedirs", "name": "x"}]},
+        {"model.rnn._target_": "torch.optim.Adam"},  # the project's, but not a model's
+    ],
+    ids=lambda edit: next(iter(edit)),
+)
+def test_resume_refuses_foreign_targets_in_every_group(
+    edit: dict[str, Any], finished_run: Path, tmp_path: Path
+) -> None:
+    run = copy_with_config(finished_run, tmp_path / "run", edit)
+    (run / "metrics.json").unlink()
+    key = next(iter(edit))
+    with pytest.raises(ConfigError, match=rf"refusing {key.split('.')[0]}\..*_target_="):
+        resume_config(str(run))
+
+
+def test_resume_cli_refuses_before_anything_runs(finished_run: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    edit = {"loss": {"_target_": "os.makedirs", "name": str(marker)}}
+    run = copy_with_config(finished_run, tmp_path / "run", edit)
+    (run / "metrics.json").unlink()
+    command = [sys.executable, "-m", "parity_lab", f"resume={run}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("config error: ") and "refusing loss._target_='os.makedirs'"
+    assert "Traceback" not in result.stderr and not marker.exists()
+
+
+# Atomic results -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disk_full_after(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``fill(n)``: from then on, no file in this process grows past ``n`` bytes (EFBIG), as when
+    a disk fills; ``fill(None)`` and the test's end lift that."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (soft if n is None else n, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path: Path, disk_full_after) -> None:
+    path = tmp_path / "metrics.json"
+    write_atomic(path, "old\n")
+    disk_full_after(8)
+    with pytest.raises(OSError):
+        write_atomic(path, "x" * 100)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left
+
+
+def test_full_disk_at_the_final_write_leaves_no_metrics_and_resume_completes(
+    tmp_path: Path, disk_full_after, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class JsonThenDiskFull:
+        """``json`` for train.py, whose ``dumps`` fills the disk once metrics.json is encoded."""
+
+        @staticmethod
+        def dumps(obj: Any, **kwargs: Any) -> str:
+            text = json.dumps(obj, **kwargs)
+            disk_full_after(16)
+            return text
+
+    monkeypatch.setattr("parity_lab.train.json", JsonThenDiskFull)
+    with pytest.raises(OSError):
+        make_run(tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()  # not an empty or half file
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".metrics")]
+
+    monkeypatch.undo()
+    disk_full_after(None)
+    metrics = train(resume_config(str(tmp_path / "run")))
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert metrics["global_step"] == 5
+
+
+@pytest.mark.parametrize("content", ["", '{"val/acc": 0.9', "[]", '{"val/acc": "high"}'])
+def test_unreadable_metrics_counts_as_unfinished_and_resume_completes(
+    content: str, tmp_path: Path
+) -> None:
+    run = make_run(tmp_path / "run")
+    (run / "metrics.json").write_text(content)
+    metrics = train(resume_config(str(run)))
+    assert json.loads((run / "metrics.json").read_text()) == metrics
