@@ -57,22 +57,25 @@ def write_atomic(path: Path, text: str) -> None:
 def read_metrics(path: Path) -> dict[str, Any]:
     """A finished run's ``metrics.json``; ``CorruptResultError`` saying why when it is not one
     (empty, cut short, not an object, a value that is not a number)."""
+    path = Path(path)
     try:
-        text = Path(path).read_text()
+        text = path.read_text()
         metrics = json.loads(text)
     except (OSError, UnicodeDecodeError) as error:
-        raise CorruptResultError(f"{path}: unreadable ({error.__class__.__name__})") from error
+        raise CorruptResultError(
+            f"{path.name} is unreadable ({error.__class__.__name__})"
+        ) from error
     except json.JSONDecodeError as error:
-        what = "empty" if not text.strip() else f"not JSON ({error.msg}, line {error.lineno})"
-        raise CorruptResultError(f"{path}: {what}") from error
+        what = "is empty" if not text.strip() else f"is not JSON ({error.msg}, line {error.lineno})"
+        raise CorruptResultError(f"{path.name} {what}") from error
     if not isinstance(metrics, dict) or "val/acc" not in metrics:
-        raise CorruptResultError(f"{path}: not a metrics object with val/acc")
+        raise CorruptResultError(f"{path.name} is not a metrics object with val/acc")
     for key, value in metrics.items():
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if not (number or value is None or isinstance(value, bool)) or (
             key.startswith(("val/", "test/")) and not number
         ):
-            raise CorruptResultError(f"{path}: {key}={value!r} is not a number")
+            raise CorruptResultError(f"{path.name} has {key}={value!r}: not a number")
     return metrics
 
 

@@ -3,6 +3,7 @@ reproducible runs, and runs and sweep jobs that never cost each other their resu
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -353,3 +354,39 @@ def test_failed_sweep_job_leaves_the_other_jobs_results(tmp_path: Path) -> None:
     assert "job 0 failed: non-finite loss" in result.stderr
     assert read_metrics(trained)["global_step"] == 20
     assert not (trained / "error.txt").exists()
+
+
+# 7. The report summarises what it can read and lists the rest --------------------------------
+
+
+def test_report_lists_corrupt_results_and_summarises_the_rest(tmp_path: Path) -> None:
+    """Empty, cut-short, non-numeric metrics and an unreadable Hydra record each make their job
+    `corrupt` with a note; a glob() sweep, which needs the config to expand, does not crash it."""
+    from parity_lab.report import write_report
+
+    good = '{"val/acc": 1.0, "test/acc_len_30": 1.0, "solved": true, "solved_step": 40}'
+    jobs = {
+        "0_seed=0": (good, "metrics.json"),
+        "1_seed=1": ("", "is empty"),
+        "2_seed=2": ('{"val/acc": 0.9', "is not JSON"),
+        "3_seed=3": ('{"val/acc": "high"}', "val/acc='high': not a number"),
+        "4_seed=4": ('["val/acc"]', "not a metrics object"),
+        "5_seed=5": (good, "overrides.yaml"),
+    }
+    for name, (metrics, _) in jobs.items():
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(f"- seed={name[0]}\n")
+        (tmp_path / name / "metrics.json").write_text(metrics)
+    (tmp_path / "5_seed=5" / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+        "\n    params: null\n  overrides:\n    task: ['model=glob(*)', 'seed=range(6)']\n"
+    )
+    table = write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["status"] for row in rows] == ["ok"] + ["corrupt"] * 5
+    for row, (_, note) in zip(rows[1:], list(jobs.values())[1:], strict=True):
+        assert note in row["note"], row
+    assert "| all jobs | 1/6 | 1 | 1.00 | 1.000 | 1.000 | 40 | 5 corrupt |" in table
+    assert "6 jobs: 1 ok, 5 corrupt." in (tmp_path / "summary.md").read_text()
