@@ -25,6 +25,7 @@ import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
 from parity_lab.data import encode, key_generator
 from parity_lab.models import ParityRNN
 from parity_lab.predict import PredictError, load_run
+from parity_lab.run_files import atomic_path, write_atomic
 
 START = -1  # the automaton's start state: the zero state before any bit
 RUNS = [8, 16, 24, 32, 48, 64, 128, 1024]  # runs of zeros after which parity loss is probed
@@ -356,10 +357,11 @@ def main(argv: list[str] | None = None) -> Analysis:
     )
     out = args.run_dir / "analysis"
     out.mkdir(exist_ok=True)
-    (out / "automaton.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    write_atomic(out / "automaton.json", json.dumps(asdict(result), indent=2) + "\n")
     title = f"{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden {cfg.model.hidden_size}"
     figure = plot_trajectories(states, bits, title)
-    figure.savefig(out / "trajectories.png", dpi=120)
+    with atomic_path(out / "trajectories.png") as temporary:
+        figure.savefig(temporary, dpi=120)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(args.run_dir)) as writer:
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> Analysis:
         centres = torch.stack([points[labels == c].mean(dim=0) for c in labels.unique()])
         lengths = [n for n in (10**e for e in range(1, 8)) if n < args.drift] + [args.drift]
         rows = drift(model, centres, lengths, cfg.data.encoding, args.strings, cfg.seed)
-        (out / "drift.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_atomic(out / "drift.json", json.dumps(rows, indent=2) + "\n")
         print("  streams: length, accuracy, smallest signed margin, largest distance to a centre")
         for row in rows:
             print(

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from parity_lab.evaluate import accuracy_by_length, curve_lengths
 from parity_lab.models import ParityRNN
+from parity_lab.run_files import atomic_path
 
 
 def exact_until(curve: dict[int, float]) -> int:
@@ -63,7 +64,8 @@ def length_curve(
         f"seed {cfg.seed}, {options.num_strings} strings per length"
     )
     figure = plot_curve(curve, (cfg.data.min_len, cfg.data.max_len), title)
-    figure.savefig(run_dir / "length_curve.png", dpi=120)
+    with atomic_path(run_dir / "length_curve.png") as temporary:
+        figure.savefig(temporary, dpi=120)
     writer.add_figure("test/length_curve", figure, global_step=step)
     metrics: dict[str, Any] = {
         "test/exact_until": exact_until(curve),

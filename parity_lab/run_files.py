@@ -71,12 +71,16 @@ def read_metrics(path: Path) -> dict[str, Any]:
     if not isinstance(metrics, dict) or "val/acc" not in metrics:
         raise CorruptResultError(f"{path.name} is not a metrics object with val/acc")
     for key, value in metrics.items():
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number or value is None or isinstance(value, bool)) or (
-            key.startswith(("val/", "test/")) and not number
-        ):
+        if key.startswith(("val/", "test/")) and not _is_number(value):
             raise CorruptResultError(f"{path.name} has {key}={value!r}: not a number")
+        plain = value is None or isinstance(value, bool) or _is_number(value)
+        if not plain and not (isinstance(value, dict) and all(map(_is_number, value.values()))):
+            raise CorruptResultError(f"{path.name} has {key}={value!r}: not a plain value")
     return metrics
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @cache
