@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> float:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # On resume, the run's own directory: Hydra re-reads its runtime.output_dir as a config string.
+    run_dir = Path(cfg.resume if cfg.resume is not None else hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         if cfg.resume is not None:
@@ -85,13 +86,17 @@ def resume_in_place(argv: list[str]) -> list[str]:
         )
     flags = [arg for i, arg in enumerate(argv[1:], 1) if i not in dict(resumes)]
     value = hydra_quoted(run_dir)
-    return [
+    argv = [
         argv[0],
         *flags,
         f"resume={value}",
         f"hydra.run.dir={value}",
         "hydra.output_subdir=null",
     ]
+    if "${" in run_dir:  # Hydra stores the log's directory unescaped, then reads it as a config
+        log = hydra_quoted(str(Path(run_dir) / "__main__.log"))
+        argv.append(f"hydra.job_logging.handlers.file.filename={log}")
+    return argv
 
 
 if __name__ == "__main__":

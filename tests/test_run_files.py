@@ -212,3 +212,45 @@ def test_unreadable_metrics_counts_as_unfinished_and_resume_completes(
     (run / "metrics.json").write_text(content)
     metrics = train(resume_config(str(run)))
     assert json.loads((run / "metrics.json").read_text()) == metrics
+
+
+# Resuming any directory name ------------------------------------------------------------------
+
+NASTY_NAMES = [
+    "3_model=gru,hidden_size=16,seed=1",
+    "3_model=gru,hidden_size=16,seed=1_5f3a9c",
+    "with space",
+    "x[1]{2}(3)",
+    "it's \"quoted\"",
+    "$HOME ${oops} ${",
+    "back\\slash\\",
+    "a,b=c:d~e*f?g#h",
+]
+
+
+@pytest.mark.parametrize("name", NASTY_NAMES)
+def test_resume_argv_reads_back_as_the_directory_whatever_its_name(
+    name: str, tmp_path: Path
+) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from parity_lab.__main__ import resume_in_place
+
+    run = tmp_path / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\nresume: null\n")
+    argv = resume_in_place(["parity_lab", f"resume={run}"])
+    overrides = OverridesParser.create().parse_overrides(argv[1:])
+    values = {o.key_or_group: OmegaConf.create({"v": o.value()}).v for o in overrides}
+    assert values["resume"] == values["hydra.run.dir"] == str(run)
+    assert resume_config(str(run)).resume == str(run)
+
+
+def test_resume_of_a_sweep_job_with_every_awkward_character_completes(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "3_model=lstm,seed=0_ab12 [x] 'q' \"d\" ${y} $z {}\\", finished=False)
+    command = [sys.executable, "-m", "parity_lab", f"resume={run}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # no other directory made
+    assert (run / "__main__.log").is_file()
