@@ -11,6 +11,7 @@ which never runs code stored in the file.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -111,6 +112,19 @@ def parity_probabilities(
     return probabilities
 
 
+def stdin_strings() -> list[str]:
+    """The strings on stdin, one a line; blank lines are skipped."""
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PredictError(
+            f"stdin is not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}): "
+            "expected bit strings, one a line"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m parity_lab.predict", description=__doc__.split("\n\n")[1]
@@ -118,16 +132,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/...)")
     parser.add_argument("bits", nargs="*", help="bit strings; read from stdin when none given")
     args = parser.parse_args(argv)
-    strings = args.bits or [line.strip() for line in sys.stdin.read().splitlines()]
     try:
+        strings = args.bits or stdin_strings()
         check_bit_strings(strings)
         model, cfg = load_run(args.run_dir)
     except PredictError as error:
         sys.exit(f"predict: {error}")
     torch.set_num_threads(cfg.num_threads)
     probabilities = parity_probabilities(model, strings, cfg.data.encoding)
-    for bits, probability in zip(strings, probabilities, strict=True):
-        print(f"{bits}\t{int(probability > 0.5)}\t{probability:.6f}")
+    try:
+        for bits, probability in zip(strings, probabilities, strict=True):
+            print(f"{bits}\t{int(probability > 0.5)}\t{probability:.6f}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (``| head -1``): stop quietly, as the docs of
+        # Python's signal module advise, so the exit-time flush does not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

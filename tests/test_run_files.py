@@ -254,3 +254,42 @@ def test_resume_of_a_sweep_job_with_every_awkward_character_completes(tmp_path: 
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # no other directory made
     assert (run / "__main__.log").is_file()
+
+
+# predict's input and output -------------------------------------------------------------------
+
+
+def predict(run: Path, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
+    command = [sys.executable, "-m", "parity_lab.predict", str(run)]
+    return subprocess.run(command, cwd=ROOT, input=stdin, capture_output=True, timeout=120)
+
+
+def test_predict_skips_blank_lines(finished_run: Path) -> None:
+    result = predict(finished_run, b"\n0110\n\n  \n1\r\n\n")
+    assert result.returncode == 0, result.stderr
+    assert [line.split("\t")[0] for line in result.stdout.decode().splitlines()] == ["0110", "1"]
+
+
+def test_predict_refuses_input_that_is_not_utf8(finished_run: Path) -> None:
+    result = predict(finished_run, b"0110\n\xff\xfe01\n")
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr.decode() == (
+        "predict: stdin is not UTF-8 text (byte 0xff at offset 5): "
+        "expected bit strings, one a line\n"
+    )
+
+
+def test_predict_piped_into_head_closes_quietly(finished_run: Path) -> None:
+    """``predict RUN < many | head -1``: the reader leaves after one line; no traceback."""
+    command = [sys.executable, "-m", "parity_lab.predict", str(finished_run)]
+    strings = "".join(f"{n:b}\n" for n in range(1, 20000)).encode()  # ~300 kB out: > a pipe
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdin.write(strings)
+    process.stdin.close()
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0
+    assert first.startswith(b"1\t") and stderr == b""
