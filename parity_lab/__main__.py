@@ -4,6 +4,7 @@ import logging
 import math
 import re
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from parity_lab.config import ConfigError, literal, resume_config
-from parity_lab.run_files import write_atomic
+from parity_lab.run_files import RunFileError, write_atomic
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -42,6 +43,8 @@ def main(cfg: DictConfig) -> float:
     except Exception as error:
         if isinstance(error, ConfigError) and not in_sweep:
             sys.exit(f"config error: {error}")
+        if isinstance(error, RunFileError) and not in_sweep:
+            sys.exit(str(error))
         write_atomic(run_dir / "error.txt", traceback.format_exc())
         if in_sweep:
             print(f"job {hydra_cfg.job.num} failed: {error} ({run_dir})", file=sys.stderr)
@@ -99,9 +102,39 @@ def resume_in_place(argv: list[str]) -> list[str]:
     return argv
 
 
+OUTPUT_DIR = re.compile(r"\+{0,2}(hydra\.(?:run|sweep)\.dir)=(.*)", re.DOTALL)
+
+
+def check_output_dirs(argv: list[str]) -> None:
+    """``ConfigError`` when the directory a run or sweep would be written in cannot be written:
+    checked on its nearest existing ancestor before Hydra starts, since Hydra creates it first."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(argv) else "hydra.run.dir"
+    directory = "outputs"  # conf/config.yaml: outputs/runs/..., outputs/sweeps/...
+    for arg in argv[1:]:
+        if (match := OUTPUT_DIR.fullmatch(arg)) and match[1] == key:
+            try:
+                value = OverridesParser.create().parse_override(arg.lstrip("+")).value()
+            except Exception:
+                return  # Hydra reports a value it cannot parse
+            directory = str(value).split("${", 1)[0]  # the part fixed before any ${now:...}
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"{key}={directory!r} is invalid: {existing} cannot be written ({error.strerror})"
+        ) from None
+
+
 if __name__ == "__main__":
     try:
         sys.argv = resume_in_place(sys.argv)
+        check_output_dirs(sys.argv)
     except ConfigError as error:
         sys.exit(f"config error: {error}")
     main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -351,12 +352,16 @@ def main(argv: list[str] | None = None) -> Analysis:
         model, cfg = load_run(args.run_dir)
     except PredictError as error:
         raise SystemExit(f"analyze: {error}") from None
+    out = args.run_dir / "analysis"
+    try:  # before the work: the results go into the run directory
+        out.mkdir(exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise SystemExit(f"analyze: {out} cannot be written ({error.strerror})") from None
     length = args.length or cfg.data.max_len
     result, states, bits = analyze(
         model, cfg.data.encoding, args.strings, length, args.max_clusters, cfg.seed
     )
-    out = args.run_dir / "analysis"
-    out.mkdir(exist_ok=True)
     write_atomic(out / "automaton.json", json.dumps(asdict(result), indent=2) + "\n")
     title = f"{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden {cfg.model.hidden_size}"
     figure = plot_trajectories(states, bits, title)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parity_lab.data import encode
 from parity_lab.models import ParityRNN
-from parity_lab.run_files import UnsafeConfigError, checked_config
+from parity_lab.run_files import UnsafeConfigError, checked_config, first_line
 
 BIT_STRING = re.compile("[01]+")
 
@@ -77,12 +77,6 @@ def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
             f"{checkpoint_path} does not fit the model of {config_path}: {first_line(error)}"
         ) from None
     return model.eval(), cfg
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's message on one line (load_state_dict's run over many)."""
-    text = " ".join(str(error).split())
-    return (text if len(text) <= 200 else text[:200] + "...") or error.__class__.__name__
 
 
 @torch.no_grad()

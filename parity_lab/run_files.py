@@ -21,12 +21,22 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS_PACKAGE = "parity_lab.models"
 
 
-class UnsafeConfigError(ValueError):
+class RunFileError(ValueError):
+    """A file of a run directory that cannot be used; the message names it and what is wrong."""
+
+
+class UnsafeConfigError(RunFileError):
     """A run's config names a ``_target_`` that is not one of the project's own."""
 
 
-class CorruptResultError(ValueError):
+class CorruptResultError(RunFileError):
     """A result file that exists but cannot be read as one."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message on one short line (``load_state_dict``'s runs over many)."""
+    text = " ".join(str(error).split())
+    return (text if len(text) <= 200 else text[:200] + "...") or error.__class__.__name__
 
 
 @contextmanager

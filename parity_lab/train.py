@@ -19,7 +19,7 @@ from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgress
 from parity_lab.config import validate
 from parity_lab.curve import length_curve
 from parity_lab.module import ParityModule
-from parity_lab.run_files import write_atomic
+from parity_lab.run_files import RunFileError, first_line, write_atomic
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
@@ -62,6 +62,21 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
         f"  run dir   {run_dir}   (tensorboard --logdir {run_dir})\n"
         f"  checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\n"
     )
+
+
+def check_checkpoint(path: Path, module: ParityModule) -> None:
+    """``RunFileError`` naming a checkpoint that is cut short, holds more than weights-only data,
+    or holds another model's weights (else Lightning fails mid-start with a long traceback)."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as error:
+        raise RunFileError(f"{path}: not a readable checkpoint ({first_line(error)})") from None
+    try:
+        module.load_state_dict(state_dict)
+    except Exception as error:
+        raise RunFileError(
+            f"{path}: its weights do not fit the model of the run's config ({first_line(error)})"
+        ) from None
 
 
 def train(
@@ -108,6 +123,8 @@ def train(
 
     start = time.perf_counter()
     resume_from = checkpoint.path if cfg.resume is not None and checkpoint.path.is_file() else None
+    if resume_from is not None:
+        check_checkpoint(resume_from, module)
     if cfg.resume is not None:
         print(f"resuming {run_dir} from {resume_from or 'step 0: it has no checkpoint yet'}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)

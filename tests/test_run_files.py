@@ -8,6 +8,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 
 from parity_lab.config import ConfigError, resume_config
 from parity_lab.predict import PredictError, load_run
-from parity_lab.run_files import write_atomic
+from parity_lab.run_files import RunFileError, write_atomic
 from parity_lab.train import train
 from tests.conftest import ROOT, compose_config
 
@@ -221,7 +222,7 @@ NASTY_NAMES = [
     "3_model=gru,hidden_size=16,seed=1_5f3a9c",
     "with space",
     "x[1]{2}(3)",
-    "it's \"quoted\"",
+    'it\'s "quoted"',
     "$HOME ${oops} ${",
     "back\\slash\\",
     "a,b=c:d~e*f?g#h",
@@ -293,3 +294,107 @@ def test_predict_piped_into_head_closes_quietly(finished_run: Path) -> None:
     stderr = process.stderr.read()
     assert process.wait(timeout=120) == 0
     assert first.startswith(b"1\t") and stderr == b""
+
+
+# Bad files get one line naming them -----------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def other_models_checkpoint(path: Path, tmp_path: Path) -> None:
+    other = make_run(tmp_path / "other", "model.hidden_size=3")
+    shutil.copy(other / "checkpoints" / "last.ckpt", path)
+
+
+BAD_FILES = {
+    "truncated-checkpoint": (
+        "checkpoints/last.ckpt",
+        lambda path, _: truncate(path),
+        "not a readable checkpoint",
+        "cannot load",
+    ),
+    "other-models-checkpoint": (
+        "checkpoints/last.ckpt",
+        other_models_checkpoint,
+        "its weights do not fit the model",
+        "does not fit the model of",
+    ),
+    "broken-config": (
+        ".hydra/config.yaml",
+        lambda path, _: path.write_text("model: [unclosed\n"),
+        "not a run config",
+        "not a run config",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_run_file_is_named_on_one_line_by_resume_and_predict(
+    case: str, finished_run: Path, tmp_path: Path
+) -> None:
+    name, spoil, resume_says, predict_says = BAD_FILES[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.json").unlink()
+    spoil(run / name, tmp_path)
+    with pytest.raises((ConfigError, RunFileError)) as resumed:
+        train(resume_config(str(run)))
+    with pytest.raises(PredictError) as predicted:
+        load_run(run)
+    for error, says in ((resumed.value, resume_says), (predicted.value, predict_says)):
+        assert str(run / name) in str(error) and says in str(error)
+        assert "\n" not in str(error)
+
+
+def test_resume_cli_names_a_truncated_checkpoint_without_a_traceback(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.json").unlink()
+    truncate(run / "checkpoints" / "last.ckpt")
+    command = [sys.executable, "-m", "parity_lab", f"resume={run}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{run / 'checkpoints' / 'last.ckpt'}: not a readable ")
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot write in: a read-only one, or (for root, who writes in
+    those anyway) sysfs."""
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    for directory in (read_only, Path("/sys")):
+        try:
+            tempfile.TemporaryFile(dir=directory).close()
+        except OSError:
+            return directory
+    pytest.skip("no directory this process cannot write in")
+
+
+def test_read_only_output_dir_is_named_before_hydra_starts(tmp_path: Path) -> None:
+    target = unwritable_dir(tmp_path) / "runs" / "one"
+    command = [sys.executable, "-m", "parity_lab", f"hydra.run.dir={target}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"config error: hydra.run.dir='{target}' is invalid: ")
+    assert f"{target.parent.parent} cannot be written" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_analyze_names_an_unwritable_run_directory_before_the_work(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    blocked = unwritable_dir(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "analysis").symlink_to(blocked)  # where analyze writes: a directory it cannot write
+    command = [sys.executable, "-m", "parity_lab.analyze", str(run)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"analyze: {run / 'analysis'} cannot be written (")
+    assert "File exists" not in result.stderr
+    assert "Traceback" not in result.stderr
