@@ -77,6 +77,25 @@ BAD_VALUES = [
     ("eval.stop_when_solved=maybe", "eval.stop_when_solved='maybe'"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1"),
     ("resume=/no/such/run", "resume='/no/such/run'"),
+    # values that used to pass these checks and fail (or hang) only once training ran
+    ("seed=4294967296", "seed=4294967296"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0"),
+    ("optimizer=sgd optimizer.momentum=-0.1", "optimizer.momentum=-0.1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("trainer.max_steps=-2", "trainer.max_steps=-2"),
+    (
+        "trainer.max_steps=-1 eval.stop_when_solved=false",
+        "trainer.max_steps=-1 is invalid here: with eval.stop_when_solved=false and fresh strings",
+    ),
+    (
+        "trainer.max_steps=-1 eval.stop_when_solved=false data.num_train=64 trainer.max_epochs=-1",
+        "trainer.max_steps=-1 is invalid here: with eval.stop_when_solved=false and "
+        "trainer.max_epochs=-1",
+    ),
+    (
+        "data.curriculum.schedule=linear data.curriculum.start_len=21",
+        "data.curriculum.start_len=21 > data.max_len=20",
+    ),
 ]
 
 
@@ -85,11 +104,37 @@ def test_bad_value_is_rejected_naming_key_value_and_rule(
     override: str, named: str, make_config
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        validate(make_config(override))
+        validate(make_config(*override.split()))
     message = str(caught.value)
     assert message.startswith(named), message
     assert "expected" in message or "allowed" in message or "must be" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model.hidden_size=100000",
+            "model.hidden_size=100000 is invalid: training (weights, gradients, Adam state and "
+            "one batch's activations) needs about 600 GiB, more than the 8 GiB of memory here",
+        ),
+        (
+            "eval.lengths=[50,100000000]",
+            "eval.lengths=[50, 100000000] is invalid: evaluating 64 strings of each length "
+            "(eval.curve.max_len measures long strings in chunks) needs about 530 GiB, more than "
+            "the 8 GiB of memory here",
+        ),
+    ],
+)
+def test_sizes_that_cannot_fit_in_memory_are_refused_naming_the_memory(
+    override: str, message: str, make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("parity_lab.config.physical_memory", lambda: 8 * 2**30)
+    validate(make_config())  # the default sizes fit
+    with pytest.raises(ConfigError) as caught:
+        validate(make_config(override))
+    assert str(caught.value) == message
 
 
 def test_finished_run_cannot_be_resumed(tmp_path: Path) -> None:
