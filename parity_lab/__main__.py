@@ -3,6 +3,8 @@
 import logging
 import math
 import re
+import shlex
+import signal
 import sys
 import tempfile
 import traceback
@@ -21,9 +23,10 @@ from parity_lab.run_files import RunFileError, write_atomic
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """One run; in a sweep a failed job records ``error.txt`` in its directory and the sweep goes
-    on, so one bad job never costs the others their results."""
+    on, so one bad job never costs the others their results. On SIGTERM (preemption) the run keeps
+    its checkpoint, prints the command that continues it and exits with 143, never 0."""
     from parity_lab.module import NonFiniteLossError  # heavy imports after Hydra parsed argv
-    from parity_lab.train import train
+    from parity_lab.train import Interrupted, train
 
     # Lightning 2.6 on torch >= 2.10 warns about its own use of a deprecated torch API.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -40,6 +43,17 @@ def main(cfg: DictConfig) -> float:
         if cfg.resume is not None:
             cfg = resume_config(cfg.resume)
         return float(train(cfg, run_dir)["val/acc"])
+    except Interrupted as error:
+        job = f"job {hydra_cfg.job.num} " if in_sweep else ""
+        command = f"python -m parity_lab resume={shlex.quote(str(error.run_dir))}"
+        print(f"{job}{error}; to continue it:\n  {command}", file=sys.stderr)
+        if in_sweep and not hydra_cfg.launcher._target_.endswith("BasicLauncher"):
+            return math.nan  # in a launcher's worker: the sweep's own process reports
+        if in_sweep:  # this process is the sweep: summarise before leaving
+            from parity_lab.report import write_report
+
+            write_report(hydra_cfg.sweep.dir)
+        sys.exit(128 + signal.SIGTERM)  # 143, as if SIGTERM had ended the process
     except Exception as error:
         if isinstance(error, ConfigError) and not in_sweep:
             sys.exit(f"config error: {error}")

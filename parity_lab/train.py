@@ -13,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
@@ -62,6 +63,14 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
         f"  run dir   {run_dir}   (tensorboard --logdir {run_dir})\n"
         f"  checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\n"
     )
+
+
+class Interrupted(RuntimeError):
+    """The run received SIGTERM (a scheduler's preemption, ``kill``); its checkpoint is kept."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"stopped by SIGTERM at step {step}; the checkpoint of that step is kept")
+        self.run_dir = run_dir
 
 
 def check_checkpoint(path: Path, module: ParityModule) -> None:
@@ -127,12 +136,14 @@ def train(
         check_checkpoint(resume_from, module)
     if cfg.resume is not None:
         print(f"resuming {run_dir} from {resume_from or 'step 0: it has no checkpoint yet'}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    train_seconds = time.perf_counter() - start
-
     metrics: dict[str, Any] = {}
-    for results in trainer.test(module, datamodule=datamodule, verbose=False):
-        metrics.update(results)
+    try:  # Lightning's own SIGTERM handling stops the loop at a step's end, as SIGTERMException
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        train_seconds = time.perf_counter() - start
+        for results in trainer.test(module, datamodule=datamodule, verbose=False):
+            metrics.update(results)
+    except SIGTERMException:
+        raise Interrupted(run_dir, trainer.global_step) from None
     metrics["solved"] = all(v == 1.0 for k, v in metrics.items() if "acc" in k)
     metrics["solved_step"] = solved.solved_step
     metrics["global_step"] = trainer.global_step

@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch import nn
 
-from parity_lab.__main__ import resume_in_place
+from parity_lab.__main__ import hydra_quoted, resume_in_place
 from parity_lab.config import ConfigError, resume_config, validate
 from parity_lab.module import NonFiniteLossError
 from parity_lab.train import train
@@ -337,6 +339,62 @@ def test_resume_before_the_first_checkpoint_starts_over(make_config, tmp_path: P
     resumed = train(resume_config(str(fresh)))
     assert without_timings(resumed) == without_timings(expected)
     assert (fresh / "metrics.json").is_file()
+
+
+def start_and_signal(command: list[str], ready: Callable[[], bool]) -> subprocess.Popen:
+    """Start ``command`` and send it SIGTERM once ``ready()``; return it, ended."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    return process
+
+
+def test_sigterm_keeps_the_checkpoint_exits_143_and_prints_the_resume_command(
+    make_config, tmp_path: Path
+) -> None:
+    overrides = [*FAST, *RESUMABLE, "optimizer.lr=0.003", "trainer.max_steps=300"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped [1] $x"
+    expected = train(make_config(*overrides), run_dir=whole)
+
+    ckpt = stopped / "checkpoints" / "last.ckpt"
+    run_dir = f"hydra.run.dir={hydra_quoted(str(stopped))}"
+    command = [sys.executable, "-m", "parity_lab", *overrides, run_dir]
+    process = start_and_signal(command, lambda: ckpt.is_file() and checkpoint(stopped) is not None)
+    stderr = process.stderr.read().decode()
+    assert process.returncode == 143, stderr[-3000:]
+    step = checkpoint(stopped)["global_step"]
+    assert 20 <= step < 300 and step % 20 != 0  # written at SIGTERM, not at a validation
+    resume = f"python -m parity_lab resume={shlex.quote(str(stopped))}"
+    assert stderr.endswith(
+        f"stopped by SIGTERM at step {step}; the checkpoint of that step is kept; "
+        f"to continue it:\n  {resume}\n"
+    ), stderr[-3000:]
+    assert not (stopped / "metrics.json").exists() and not (stopped / "error.txt").exists()
+
+    result = subprocess.run(
+        [sys.executable, *shlex.split(resume)[1:]], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert without_timings(read_metrics(stopped)) == without_timings(expected)
+    assert_same_weights(checkpoint(stopped)["state_dict"], checkpoint(whole)["state_dict"])
+
+
+def test_sigterm_in_a_sweep_exits_143_with_a_summary(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "parity_lab", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1",
+        *FAST, *RESUMABLE, "trainer.max_steps=100000",
+    ]  # fmt: skip
+    process = start_and_signal(command, lambda: bool(list(sweep.glob("0_*/checkpoints/*.ckpt"))))
+    stderr = process.stderr.read().decode()
+    assert process.returncode == 143, stderr[-3000:]
+    assert "job 0 stopped by SIGTERM at step " in stderr
+    with (sweep / "summary.csv").open() as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["unfinished", "missing"]
 
 
 # 4. Reproducibility ----------------------------------------------------------------------------
