@@ -2,6 +2,8 @@
 
 import logging
 import math
+import multiprocessing
+import os
 import re
 import shlex
 import signal
@@ -17,11 +19,41 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from parity_lab.config import ConfigError, literal, resume_config
-from parity_lab.run_files import RunFileError, write_atomic
+from parity_lab.run_files import RunFileError, read_metrics, write_atomic
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    """One run, or one job of a sweep (see ``run``)."""
+    hydra_cfg = HydraConfig.get()
+    pooled = hydra_cfg.mode == RunMode.MULTIRUN and "Joblib" in hydra_cfg.launcher._target_
+    return run_in_child(cfg) if pooled and hasattr(os, "fork") else run(cfg)
+
+
+def run_in_child(cfg: DictConfig) -> float:
+    """A joblib job in a child of its worker: a job killed (say by the out-of-memory killer, whose
+    victim is the process holding the memory: the child) costs only itself. A killed worker
+    would break joblib's whole pool and stop the sweep before its summary."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # fork: the child inherits Hydra's state; the worker has not imported torch (run does).
+    child = multiprocessing.get_context("fork").Process(target=run, args=(cfg,))
+    child.start()
+    child.join()
+    if child.exitcode is not None and child.exitcode < 0:
+        killer = signal.Signals(-child.exitcode).name
+        print(
+            f"job {hydra_cfg.job.num} was killed by {killer} (out of memory?): it stays "
+            f"unfinished ({run_dir})",
+            file=sys.stderr,
+        )
+    try:
+        return float(read_metrics(run_dir / "metrics.json")["val/acc"])
+    except (RunFileError, FileNotFoundError):
+        return math.nan
+
+
+def run(cfg: DictConfig) -> float:
     """One run; in a sweep a failed job records ``error.txt`` in its directory and the sweep goes
     on, so one bad job never costs the others their results. On SIGTERM (preemption) the run keeps
     its checkpoint, prints the command that continues it and exits with 143, never 0."""

@@ -493,3 +493,24 @@ def test_report_lists_corrupt_results_and_summarises_the_rest(tmp_path: Path) ->
         assert note in row["note"], row
     assert "| all jobs | 1/6 | 1 | 1.00 | 1.000 | 1.000 | 40 | 5 corrupt |" in table
     assert "6 jobs: 1 ok, 5 corrupt." in (tmp_path / "summary.md").read_text()
+
+
+def test_a_killed_joblib_job_costs_only_itself(tmp_path: Path) -> None:
+    """Job 1 is SIGKILLed (as by the out-of-memory killer): jobs 0 and 2 finish, the sweep
+    ends normally, and its summary lists job 1 as unfinished."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    losses = (
+        "torch.nn.BCEWithLogitsLoss,tests.self_killing.SelfKillingLoss,torch.nn.BCEWithLogitsLoss"
+    )
+    result = python_m(
+        "parity_lab", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        f"loss._target_={losses}", "trainer.max_steps=5", *FAST, f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "job 1 was killed by SIGKILL (out of memory?): it stays unfinished" in result.stderr
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["job"], row["status"]) for row in rows] == [
+        ("0", "ok"), ("1", "unfinished"), ("2", "ok"),
+    ]  # fmt: skip
