@@ -53,6 +53,14 @@ def run_in_child(cfg: DictConfig) -> float:
         return math.nan
 
 
+def requeued(run_dir: Path) -> bool:
+    """Whether this is SLURM's requeue of a job that stopped in ``run_dir`` (preempted, or at its
+    time limit: hydra/launcher=slurm requeues through submitit) and left a checkpoint there."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    return restarts.isdigit() and int(restarts) > 0 and checkpoint.is_file()
+
+
 def run(cfg: DictConfig) -> float:
     """One run; in a sweep a failed job records ``error.txt`` in its directory and the sweep goes
     on, so one bad job never costs the others their results. On SIGTERM (preemption) the run keeps
@@ -71,6 +79,8 @@ def run(cfg: DictConfig) -> float:
     # On resume, the run's own directory: Hydra re-reads its runtime.output_dir as a config string.
     run_dir = Path(cfg.resume if cfg.resume is not None else hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.resume is None and requeued(run_dir):
+        cfg.resume = literal(str(run_dir))  # its config: the one Hydra just composed again
     try:
         if cfg.resume is not None:
             cfg = resume_config(cfg.resume)

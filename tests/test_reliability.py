@@ -514,3 +514,21 @@ def test_a_killed_joblib_job_costs_only_itself(tmp_path: Path) -> None:
     assert [(row["job"], row["status"]) for row in rows] == [
         ("0", "ok"), ("1", "unfinished"), ("2", "ok"),
     ]  # fmt: skip
+
+
+def test_a_slurm_requeued_job_continues_from_its_checkpoint(make_config, tmp_path: Path) -> None:
+    """SLURM sets SLURM_RESTART_COUNT in a requeued job, which starts again with the same
+    overrides in the same directory: it continues from the checkpoint there."""
+    overrides = [*FAST, *RESUMABLE, "trainer.max_steps=40"]
+    run_dir = tmp_path / "job"
+    cfg = make_config(*overrides)
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    expected = train(cfg, run_dir=run_dir)
+    (run_dir / "metrics.json").unlink()  # stopped after its last checkpoint
+    command = [sys.executable, "-m", "parity_lab", *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "SLURM_RESTART_COUNT": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {run_dir} from {run_dir / 'checkpoints' / 'last.ckpt'}" in result.stdout
+    assert without_timings(read_metrics(run_dir)) == without_timings(expected)
