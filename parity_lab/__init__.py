@@ -2,6 +2,8 @@
 
 from omegaconf import OmegaConf
 
+from parity_lab.naming import job_dir_name, run_dir_suffix
+
 ENCODING_SIZES = {"bit": 1, "pair": 2}  # data.encoding -> network input size
 READOUTS = ("last", "padded_end")  # model.readout: where a string's prediction is read
 # model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
@@ -17,3 +19,6 @@ def _input_size(encoding: str) -> int:
 
 # Model configs read their input size from the data encoding: ${input_size:${data.encoding}}.
 OmegaConf.register_new_resolver("input_size", _input_size, replace=True)
+# Directory names in conf/config.yaml (hydra.run.dir, hydra.sweep.subdir); see parity_lab.naming.
+OmegaConf.register_new_resolver("run_dir_suffix", run_dir_suffix, replace=True)
+OmegaConf.register_new_resolver("job_dir_name", job_dir_name, replace=True)

@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from parity_lab.config import ConfigError, literal, resume_config
+from parity_lab.naming import directory_overrides
 from parity_lab.run_files import RunFileError, read_metrics, write_atomic
 
 
@@ -189,7 +190,7 @@ def check_output_dirs(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     try:
-        sys.argv = resume_in_place(sys.argv)
+        sys.argv = directory_overrides(resume_in_place(sys.argv))
         check_output_dirs(sys.argv)
     except ConfigError as error:
         sys.exit(f"config error: {error}")

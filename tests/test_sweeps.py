@@ -267,7 +267,8 @@ def test_stored_sweep_runs_without_dash_m_and_command_line_narrows_it(tmp_path: 
     assert [(row["data"], row["data.max_len"], row["status"]) for row in rows] == [
         ("fixed", "5", "ok"), ("fixed", "10", "ok"),
     ]  # fmt: skip
-    assert not any("sweep=" in row["dir"] for row in rows)  # the same in every job: not in names
+    # Only the key that differs names the jobs: sweep, data and seed are the same in every job.
+    assert [row["dir"] for row in rows] == ["0_max_len=5", "1_max_len=10"]
 
 
 def test_report_does_not_import_torch_or_lightning():
