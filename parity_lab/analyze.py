@@ -26,7 +26,7 @@ import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
 from parity_lab.data import encode, key_generator
 from parity_lab.models import ParityRNN
 from parity_lab.predict import PredictError, load_run
-from parity_lab.run_files import atomic_path, write_atomic
+from parity_lab.run_files import CorruptResultError, atomic_path, read_metrics, write_atomic
 
 START = -1  # the automaton's start state: the zero state before any bit
 RUNS = [8, 16, 24, 32, 48, 64, 128, 1024]  # runs of zeros after which parity loss is probed
@@ -68,6 +68,7 @@ class Analysis:
     transition_consistency: float  # share of observed transitions that follow the majority
     output_purity: float  # share of states whose prediction is their cluster's output
     agreement: float  # share of positions where the automaton predicts what the network does
+    network_accuracy: float  # share of positions where the network's prediction is the parity
 
 
 def state_vector(state: Any) -> torch.Tensor:
@@ -200,6 +201,7 @@ def analyze(
     bits = torch.randint(0, 2, (num_strings, length), generator=key_generator(seed, "analyze"))
     states, logits = collect_states(model, bits, encoding)
     predictions = (logits > 0).long()
+    accuracy = (predictions == torch.cumsum(bits, dim=1).remainder(2)).float().mean().item()
     points = states.flatten(0, 1)
     best: Analysis | None = None
     for k in range(1, max_clusters + 1):
@@ -208,7 +210,7 @@ def analyze(
         minimal = minimise(automaton)
         agreement = (run_automaton(minimal, bits) == predictions).float().mean().item()
         if best is None or agreement > best.agreement:
-            best = Analysis(minimal, k, consistency, purity, agreement)
+            best = Analysis(minimal, k, consistency, purity, agreement, accuracy)
         if agreement >= threshold:
             break
     return best, states, bits
@@ -336,6 +338,48 @@ def plot_trajectories(states: torch.Tensor, bits: torch.Tensor, title: str, show
     return figure
 
 
+def print_zero_run_probes(model: ParityRNN, cfg: Any, strings: int, length: int) -> None:
+    """How long odd and even prefixes keep their parity through runs of zeros, and whether a later
+    1 is still read right."""
+    longest = 10_000
+    prefixes = torch.randint(
+        0, 2, (strings, length), generator=key_generator(cfg.seed, "zero_runs")
+    )
+    limits = zero_run_limits(model, prefixes, cfg.data.encoding, longest)
+    for parity, name in ((1, "odd"), (0, "even")):
+        mask = prefixes.sum(dim=1).remainder(2) == parity
+        chosen = limits[mask]
+        broken = chosen[(chosen > 0) & (chosen <= longest)]
+        held = int((chosen > longest).sum())
+        summary = f"holds {held} of {len(chosen)}"
+        if len(broken):
+            summary += (
+                f", breaks {len(broken)}: after a run of min {int(broken.min())}, "
+                f"median {int(broken.median())} zeros"
+            )
+        if (chosen == 0).any():
+            summary += f", {int((chosen == 0).sum())} wrong before any zero"
+        print(f"  {name}-parity {length}-bit prefixes + up to {longest} zeros: {summary}")
+        lost = lost_after_zeros(model, prefixes[mask], cfg.data.encoding, RUNS)
+        shares = ", ".join(f"{run}: {share:.2f}" for run, share in lost.items())
+        print(f"    wrong after the next 1 (parity lost), by run of zeros: {shares}")
+
+
+def run_status(run_dir: Path, network_accuracy: float) -> tuple[bool, str]:
+    """Whether the run solved parity, and the first line that says so: from its ``metrics.json``,
+    or, for an unfinished run, from the network's accuracy on the analysed strings."""
+    try:
+        metrics = read_metrics(run_dir / "metrics.json")
+        solved = bool(metrics.get("solved"))
+        source = f"metrics.json: val/acc {metrics['val/acc']:.3f}"
+    except CorruptResultError as error:  # absent (unfinished) or unreadable
+        solved = network_accuracy == 1.0
+        unreadable = "" if not (run_dir / "metrics.json").exists() else f" ({error})"
+        source = f"unfinished run{unreadable}, judged on the analysed strings"
+    verdict = "solved" if solved else "NOT solved"
+    return solved, f"{run_dir}: {verdict} ({source}; right at {network_accuracy:.4f} of positions)"
+
+
 def main(argv: list[str] | None = None) -> Analysis:
     parser = argparse.ArgumentParser(prog="python -m parity_lab.analyze", description=__doc__)
     parser.add_argument("run_dir", type=Path)
@@ -372,7 +416,11 @@ def main(argv: list[str] | None = None) -> Analysis:
     with SummaryWriter(str(args.run_dir)) as writer:
         writer.add_figure("analysis/trajectories", figure)
     machine = result.automaton
-    print(f"{args.run_dir}: {args.strings} strings of {length} bits")
+    solved, status = run_status(args.run_dir, result.network_accuracy)
+    print(status)
+    if not solved:
+        print("  the network does not compute parity: the automaton below is what it computes")
+    print(f"  {args.strings} strings of {length} bits")
     print(
         f"  k-means k={result.clusters}: transition consistency "
         f"{result.transition_consistency:.4f}, output purity {result.output_purity:.4f}"
@@ -383,27 +431,11 @@ def main(argv: list[str] | None = None) -> Analysis:
     print(f"  agrees with the network on {result.agreement:.4f} of positions")
     verdict = "is" if machine.num_states == 2 and machine.is_parity() else "is NOT"
     print(f"  it {verdict} the 2-state parity automaton; written to {out}")
-    longest = 10_000
-    prefixes = torch.randint(
-        0, 2, (args.strings, length), generator=key_generator(cfg.seed, "zero_runs")
-    )
-    limits = zero_run_limits(model, prefixes, cfg.data.encoding, longest)
-    for parity, name in ((1, "odd"), (0, "even")):
-        mask = prefixes.sum(dim=1).remainder(2) == parity
-        chosen = limits[mask]
-        broken = chosen[(chosen > 0) & (chosen <= longest)]
-        summary = (
-            f"breaks {len(broken)} of {len(chosen)}: after a run of min {int(broken.min())}, "
-            f"median {int(broken.median())} zeros"
-            if len(broken)
-            else f"holds all {len(chosen)}"
-        )
-        if (chosen == 0).any():
-            summary += f" ({int((chosen == 0).sum())} wrong before any zero)"
-        print(f"  {name}-parity {length}-bit prefixes + up to {longest} zeros: {summary}")
-        lost = lost_after_zeros(model, prefixes[mask], cfg.data.encoding, RUNS)
-        shares = ", ".join(f"{run}: {share:.2f}" for run, share in lost.items())
-        print(f"    wrong after the next 1 (parity lost), by run of zeros: {shares}")
+    if result.network_accuracy < 1.0:
+        # The probes ask how long a right answer survives runs of zeros: moot when it is not right.
+        print("  zero-run probes skipped: the network is already wrong on the analysed strings")
+    else:
+        print_zero_run_probes(model, cfg, args.strings, length)
     if args.drift:
         points = states.flatten(0, 1)
         labels = kmeans(points, result.clusters, cfg.seed)

@@ -8,7 +8,9 @@ Measures, each a median over timed repeats after a warm-up (timings on a shared 
   beside the PyTorch notebook's fastest setting (packed ``nn.RNN``, batch 10, lr 1e-2, lengths
   1..20, hidden 8) trained until it solves or reaches a step cap;
 - where a default run's time goes: data generation and evaluation against the whole run;
-- long-string evaluation: seconds to evaluate strings of ``--eval-bits`` bits.
+- long-string evaluation: seconds to evaluate strings of ``--eval-bits`` bits;
+- with ``--startup``, only whole-process start-up: ``python -c "import torch"``, ``predict`` on one
+  string, a bad value refused, and the default run, each as a ratio to ``import torch``.
 
 Prints tables and writes everything to ``--output`` as JSON.
 """
@@ -294,6 +296,59 @@ def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def startup_times(repeats: int, overrides: list[str]) -> dict[str, Any]:
+    """Median wall seconds of whole processes, and each one's ratio to ``import torch``.
+
+    The commands take turns, ``repeats`` rounds, so a change in the machine's load hits each alike.
+    The default run is timed with ``overrides`` and ``predict`` reads the first such run.
+    """
+    python = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        first_run = Path(tmp) / "run_0"
+        commands: dict[str, Callable[[int], list[str]]] = {
+            "import torch": lambda _: [python, "-c", "import torch"],
+            "import lightning": lambda _: [python, "-c", "import lightning"],
+            "default run": lambda i: [
+                python,
+                "-m",
+                "parity_lab",
+                *overrides,
+                f"hydra.run.dir={Path(tmp) / f'run_{i}'}",
+            ],
+            "predict 0101": lambda _: [python, "-m", "parity_lab.predict", str(first_run), "0101"],
+            "bad value": lambda _: [
+                python,
+                "-m",
+                "parity_lab",
+                "model.hidden_size=2.5",
+                f"hydra.run.dir={tmp}/bad",
+            ],
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in commands}
+        for i in range(repeats):
+            for name, command in commands.items():
+                start = time.perf_counter()
+                done = subprocess.run(command(i), capture_output=True, text=True, cwd=CONF.parent)
+                seconds[name].append(round(time.perf_counter() - start, 3))
+                if (done.returncode == 0) == (name == "bad value"):
+                    raise RuntimeError(f"{name}: exit status {done.returncode}\n{done.stderr}")
+        if (Path(tmp) / "bad").exists():
+            raise RuntimeError("bad value: a run directory was left behind")
+    torch_s = statistics.median(seconds["import torch"])
+    return {
+        "overrides": overrides,
+        "rows": [
+            {
+                "command": name,
+                "median_s": round(statistics.median(times), 3),
+                "ratio_to_import_torch": round(statistics.median(times) / torch_s, 2),
+                "seconds": times,
+            }
+            for name, times in seconds.items()
+        ],
+    }
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
@@ -333,6 +388,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
     add("--eval-strings", type=int, default=512)
     add("--eval-model", default="lstm", choices=MODELS)
+    add(
+        "--startup",
+        action="store_true",
+        help="only time whole processes (import torch, predict, a bad value, the default run)",
+    )
+    add("--startup-repeats", type=int, default=5, help="rounds of the --startup commands")
     add("--output", default="outputs/bench.json", help="where to write the JSON results")
     return parser.parse_args(argv)
 
@@ -350,6 +411,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else "cpu",
         },
     }
+    if args.startup:
+        results["startup"] = startup_times(args.startup_repeats, args.solve_overrides)
+        print(table(results["startup"]["rows"], ["command", "median_s", "ratio_to_import_torch"]))
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwritten to {args.output}")
+        return results
     throughput = [training_step_ms(m, n, args) for n in args.max_len for m in args.models]
     results["throughput"] = throughput
     results["ratios"] = ratios(throughput)

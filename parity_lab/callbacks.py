@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +78,57 @@ class LastCheckpoint(Checkpoint):
 
 
 class TrainingProgressBar(TQDMProgressBar):
-    """Lightning's bar for training only: evaluation passes take milliseconds, and their bars
-    would scroll the training bar away."""
+    """Lightning's bar for training only (evaluation passes take milliseconds, and their bars
+    would scroll the training bar away), with a total that means something.
+
+    On a fixed training set (``batches_per_epoch``) the total is the epoch's batches, which
+    Lightning cannot know from an iterable dataset. When a run stops once solved on fresh strings
+    (``open_ended``), its length is unknown: the bar counts steps, with no total and no ETA.
+    """
+
+    OPEN_ENDED_FORMAT = "{desc}: {n} steps [{elapsed}, {rate_fmt}{postfix}]"
+
+    def __init__(
+        self, refresh_rate: int, batches_per_epoch: int | None = None, open_ended: bool = False
+    ) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.batches_per_epoch = batches_per_epoch
+        self.open_ended = open_ended and batches_per_epoch is None
+
+    @property
+    def total_train_batches(self) -> int | float:
+        if self.batches_per_epoch is None:
+            return super().total_train_batches
+        max_steps = self.trainer.max_steps
+        remaining = max_steps - self.trainer.global_step if max_steps > 0 else math.inf
+        return min(self.batches_per_epoch, remaining)
+
+    def init_train_tqdm(self) -> Tqdm:
+        # Lightning's own bar, but with its format and total from the start: its first draw
+        # would otherwise show "0/?".
+        return Tqdm(
+            desc="Training" if self.open_ended else self.train_description,
+            total=self.batches_per_epoch,
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.OPEN_ENDED_FORMAT if self.open_ended else self.BAR_FORMAT,
+        )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self.open_ended:  # an open-ended run is one endless epoch, its bar already set
+            super().on_train_epoch_start(trainer, *args)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning redraws every refresh_rate steps or at the total; an open-ended run has none,
+        # so its last steps would never show.
+        if self.open_ended and self.train_progress_bar.n != trainer.global_step:
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.refresh()
+        super().on_train_end(trainer, pl_module)
 
     def init_validation_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)

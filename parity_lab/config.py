@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab import COMPILE_MODES, ENCODING_SIZES, READOUTS, SCHEDULES
@@ -228,3 +229,15 @@ def check_memory(cfg: DictConfig) -> None:
                 f"{key}={value} is invalid: {what} needs about {needed / 2**30:,.0f} GiB, more "
                 f"than the {available / 2**30:,.0f} GiB of memory here"
             )
+
+
+class ValidateBeforeRun(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a single run's config is checked
+    before Hydra creates the run directory and before torch loads, so a bad value costs a fraction
+    of a second and leaves nothing behind. Sweep jobs are checked in the job (``error.txt``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate(config)
+        except ConfigError as error:
+            raise SystemExit(f"config error: {error}") from None

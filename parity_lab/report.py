@@ -11,6 +11,7 @@ torch, no lightning.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import itertools
@@ -429,15 +430,71 @@ class SweepSummary(Callback):
         print(f"\n{table}\n\nsummary: {sweep_dir / 'summary.md'} (+ summary.csv, summary.png)")
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not Path(argv[0]).is_dir():
-        print("usage: python -m parity_lab.report SWEEP_DIR", file=sys.stderr)
+class ReportError(ValueError):
+    """A path ``report`` cannot summarise; the message names it and says what to do instead."""
+
+
+def find_sweeps(path: Path) -> list[Path]:
+    """The sweep directories ``path`` stands for: itself when it is one, else every sweep below it.
+
+    A sweep directory is one Hydra wrote ``multirun.yaml`` into, or, without that file (deleted, or
+    never written by a launcher), one whose sub-directories are jobs (``<job>/.hydra/``).
+    """
+    if not path.exists():
+        raise ReportError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise ReportError(
+            f"{path} is not a directory: expected a sweep directory (outputs/sweeps/...)"
+        )
+    if (path / "multirun.yaml").is_file():
+        return [path]
+    if (path / ".hydra").is_dir():
+        raise ReportError(
+            f"{path} is a single run, not a sweep: see it with "
+            f"`python -m parity_lab.predict {path} BITS`, `python -m parity_lab.analyze {path}` "
+            f"or `tensorboard --logdir {path}`"
+        )
+    sweeps = sorted({p.parent for p in path.rglob("multirun.yaml")})
+    if sweeps:
+        return sweeps
+    if any((child / ".hydra").is_dir() for child in path.iterdir()):
+        return [path]
+    raise ReportError(f"{path} holds no sweep: no multirun.yaml and no job directories below it")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m parity_lab.report",
+        description="Write summary.csv, summary.md and summary.png into a sweep directory and "
+        "print its table. Works on a sweep still running, killed or with failed jobs: every "
+        "planned job is listed as ok, failed, unfinished or missing.",
+        epilog="A directory holding several sweeps (e.g. outputs/sweeps/2026-11-23) gets one "
+        "summary per sweep. For a single run, use python -m parity_lab.predict RUN_DIR BITS, "
+        "python -m parity_lab.analyze RUN_DIR, or tensorboard --logdir RUN_DIR.",
+    )
+    parser.add_argument(
+        "sweep_dir",
+        type=Path,
+        metavar="SWEEP_DIR",
+        help="a sweep directory (outputs/sweeps/...), or a directory of sweeps",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        sweeps = find_sweeps(args.sweep_dir)
+    except ReportError as error:
+        print(f"report: {error}", file=sys.stderr)
         return 2
-    sweep_dir = Path(argv[0])
-    print(write_report(sweep_dir))
-    print(f"\nwrote {sweep_dir / 'summary.csv'}, summary.md, summary.png")
+    for sweep_dir in sweeps:
+        if len(sweeps) > 1:
+            print(f"\n== {sweep_dir} ==")
+        print(write_report(sweep_dir))
+        print(f"\nwrote {sweep_dir / 'summary.csv'}, summary.md, summary.png")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

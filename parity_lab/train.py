@@ -39,7 +39,7 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
+def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_parameters: int) -> str:
     accuracies = "  ".join(
         f"{'val' if name == 'val/acc' else 'len ' + name.rsplit('_', 1)[1]}: {value:.3f}"
         for name, value in metrics.items()
@@ -56,7 +56,8 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> str:
         else "not solved"
     )
     return (
-        f"\n{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden={cfg.model.hidden_size}, lengths "
+        f"\n{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden={cfg.model.hidden_size} "
+        f"({num_parameters:,} parameters), lengths "
         f"{cfg.data.min_len}..{cfg.data.max_len}, {cfg.data.supervision} labels: {solved}; "
         f"{metrics['global_step']} steps in {metrics['train_seconds']:.1f} s\n"
         f"  accuracy  {accuracies}\n"
@@ -122,7 +123,12 @@ def train(
     checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     callbacks: list[L.Callback] = [solved, checkpoint]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TrainingProgressBar(refresh_rate=25))  # redrawing costs time per step
+        bar = TrainingProgressBar(
+            refresh_rate=25,  # redrawing costs time per step
+            batches_per_epoch=datamodule.batches_per_epoch,
+            open_ended=cfg.eval.stop_when_solved,
+        )
+        callbacks.append(bar)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=logger,
@@ -161,5 +167,6 @@ def train(
     )
     logger.finalize("success")  # flush and close the event file before returning
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    print(summary(cfg, metrics, run_dir))
+    num_parameters = sum(p.numel() for p in module.model.parameters())
+    print(summary(cfg, metrics, run_dir, num_parameters))
     return metrics

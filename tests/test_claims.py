@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from parity_lab.analyze import START, Automaton, analyze, drift, minimise, run_automaton
 from parity_lab.callbacks import SolvedTracker
 from parity_lab.curve import exact_until, length_curve
-from parity_lab.data import ParityDataModule, encode, eval_set
+from parity_lab.data import encode, eval_set
+from parity_lab.datamodule import ParityDataModule
 from parity_lab.evaluate import accuracy_at_length, accuracy_by_length, curve_lengths
 from parity_lab.models import ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn

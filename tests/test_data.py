@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parity_lab.data import ParityDataModule, ParityStream, eval_set, split
+from parity_lab.data import ParityStream, eval_set, split
+from parity_lab.datamodule import ParityDataModule
 
 
 def stream(**overrides) -> ParityStream:

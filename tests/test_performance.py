@@ -119,3 +119,30 @@ def test_unknown_compile_mode_is_a_config_error() -> None:
         cfg = compose("config", overrides=["model.compile=fastest"])
     with pytest.raises(ConfigError, match="model.compile='fastest'"):
         validate(cfg)
+
+
+def test_bench_startup_times_whole_processes_against_import_torch(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    shrink = ["trainer.max_steps=2", "eval.num_val=8", "eval.num_test=8", "eval.lengths=[4]"]
+    bench.main(
+        [
+            "--startup",
+            "--startup-repeats",
+            "1",
+            "--solve-overrides",
+            *shrink,
+            "--output",
+            str(output),
+        ]
+    )
+    rows = {row["command"]: row for row in json.loads(output.read_text())["startup"]["rows"]}
+    assert set(rows) == {
+        "import torch",
+        "import lightning",
+        "default run",
+        "predict 0101",
+        "bad value",
+    }
+    assert rows["import torch"]["ratio_to_import_torch"] == 1.0
+    for row in rows.values():
+        assert row["median_s"] > 0 and len(row["seconds"]) == 1

@@ -178,6 +178,28 @@ def test_analyze_command_on_a_run_dir(make_config, tmp_path: Path, capsys) -> No
     assert "analysis/trajectories" in event_tags(tmp_path, "images")
 
 
+def test_analyze_says_first_that_an_unsolved_run_is_unsolved(
+    make_config, tmp_path: Path, capsys
+) -> None:
+    """An untrained network is not parity: the first line says so, and no probe claims that it
+    holds the parity of any prefix."""
+    cfg = make_config("model=lstm", "model.hidden_size=4")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "checkpoints").mkdir()
+    torch.manual_seed(0)
+    untrained = ParityRNN(torch.nn.LSTM, input_size=1, hidden_size=4)
+    state = {f"model.{k}": v for k, v in untrained.state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 0}, tmp_path / "checkpoints" / "last.ckpt")
+    (tmp_path / "metrics.json").write_text(json.dumps({"val/acc": 0.5, "solved": False}))
+
+    analyze.main([str(tmp_path), "--strings", "32", "--max-clusters", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "NOT solved" in lines[0] and "val/acc 0.500" in lines[0]
+    assert "it is NOT the 2-state parity automaton" in "\n".join(lines)
+    assert not any("holds" in line for line in lines)
+
+
 @pytest.mark.parametrize("build", HANDSET)
 def test_handset_models_hold_parity_through_long_runs_of_zeros(build) -> None:
     prefixes = torch.tensor([[1], [0], [1], [1]]), torch.tensor([[1, 1, 0, 1], [0, 1, 1, 0]])

@@ -1,0 +1,66 @@
+"""``python -m parity_lab.report``: what it says for paths that are not one sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from parity_lab.report import main
+
+
+def fake_job(sweep_dir: Path, num: int, hidden: int) -> Path:
+    """A finished job directory as a sweep leaves it (overrides and metrics only)."""
+    job = sweep_dir / f"{num}_model.hidden_size={hidden}"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- model.hidden_size={hidden}\n")
+    metrics = {"val/acc": 1.0, "test/acc_len_50": 1.0, "solved": True, "solved_step": 100}
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    return job
+
+
+def test_missing_path_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "no_such_sweep"
+    assert main([str(missing)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err
+
+
+def test_single_run_is_refused_with_the_commands_for_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    assert main([str(run_dir)]) != 0
+    err = capsys.readouterr().err
+    assert "not a sweep" in err and "parity_lab.predict" in err and "tensorboard" in err
+    assert not (run_dir / "summary.md").exists()
+
+
+def test_directory_of_sweeps_gets_one_summary_per_sweep(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sweeps = [tmp_path / "day" / "09-00-00", tmp_path / "day" / "10-00-00"]
+    for sweep, hidden in zip(sweeps, (4, 8), strict=True):
+        fake_job(sweep, 0, hidden)
+        (sweep / "multirun.yaml").write_text(
+            "hydra:\n  sweeper:\n    _target_: some.OtherSweeper\n  overrides:\n    task: []\n"
+        )
+    assert main([str(tmp_path / "day")]) == 0
+    out = capsys.readouterr().out
+    for sweep, hidden in zip(sweeps, (4, 8), strict=True):
+        assert f"== {sweep} ==" in out
+        with (sweep / "summary.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert [row["model.hidden_size"] for row in rows] == [str(hidden)]  # never merged
+
+
+def test_help_describes_the_argument(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert "SWEEP_DIR" in out and "several sweeps" in out and "unfinished" in out
