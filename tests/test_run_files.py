@@ -164,7 +164,8 @@ def test_resume_cli_refuses_before_anything_runs(finished_run: Path, tmp_path: P
 @pytest.fixture
 def disk_full_after(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """``fill(n)``: from then on, no file in this process grows past ``n`` bytes (EFBIG), as when
-    a disk fills; ``fill(None)`` and the test's end lift that."""
+    a disk fills; ``fill(None)`` lifts that. Tests lift it as soon as the write has failed: pytest's
+    own output may be a file too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (soft if n is None else n, hard))
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -174,8 +175,11 @@ def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path: Path, disk_full_a
     path = tmp_path / "metrics.json"
     write_atomic(path, "old\n")
     disk_full_after(8)
-    with pytest.raises(OSError):
-        write_atomic(path, "x" * 100)
+    try:
+        with pytest.raises(OSError):
+            write_atomic(path, "x" * 100)
+    finally:
+        disk_full_after(None)
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left
 
@@ -193,13 +197,15 @@ def test_full_disk_at_the_final_write_leaves_no_metrics_and_resume_completes(
             return text
 
     monkeypatch.setattr("parity_lab.train.json", JsonThenDiskFull)
-    with pytest.raises(OSError):
-        make_run(tmp_path / "run")
+    try:
+        with pytest.raises(OSError):
+            make_run(tmp_path / "run")
+    finally:
+        disk_full_after(None)
     assert not (tmp_path / "run" / "metrics.json").exists()  # not an empty or half file
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".metrics")]
 
     monkeypatch.undo()
-    disk_full_after(None)
     metrics = train(resume_config(str(tmp_path / "run")))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     assert metrics["global_step"] == 5
