@@ -15,11 +15,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class SolvedTracker(L.Callback):
-    """Records the first step at which every ``val/acc*`` metric is 1.0; stops there if asked."""
+    """Records the first step at which every ``val/acc*`` metric is 1.0; stops there if asked.
+    Also records the last step validated."""
 
     def __init__(self, stop_when_solved: bool) -> None:
         self.stop_when_solved = stop_when_solved
         self.solved_step: int | None = None
+        self.validated_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed from a checkpoint taken once it was solved ends there, as it did before.
@@ -29,6 +31,7 @@ class SolvedTracker(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self.validated_step = trainer.global_step
         accuracies = [v for k, v in trainer.callback_metrics.items() if k.startswith("val/acc")]
         if accuracies and all(float(acc) == 1.0 for acc in accuracies):
             if self.solved_step is None:
@@ -37,10 +40,11 @@ class SolvedTracker(L.Callback):
                 trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"solved_step": self.solved_step}
+        return {"solved_step": self.solved_step, "validated_step": self.validated_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.solved_step = state_dict["solved_step"]
+        self.validated_step = state_dict.get("validated_step")  # absent in older checkpoints
 
 
 class LastCheckpoint(Checkpoint):

@@ -73,10 +73,23 @@ class ParityModule(L.LightningModule):
         metric = self.eval_acc[stage][dataloader_idx]
         metric.update(torch.sigmoid(final), parity)  # forward() would also compute per batch
         name = metric_name(stage, self.eval_names[dataloader_idx])
-        self.log(name, metric, add_dataloader_idx=False, prog_bar=name == "val/acc")
+        # The test pass re-evaluates the validation sets on the final weights for metrics.json;
+        # train() logs it to TensorBoard only where it is new (training ended between validations).
+        self.log(
+            name,
+            metric,
+            add_dataloader_idx=False,
+            prog_bar=name == "val/acc",
+            logger=stage == "val",
+        )
 
     def validation_step(self, batch: ParityBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        # x-axis of validation points: the steps taken, as solved_step counts them (Lightning
+        # would use the batches seen, one fewer); a logged "step" is Lightning's way to set it.
+        self.log("step", float(self.global_step))
 
     def test_step(self, batch: ParityBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("test", batch, dataloader_idx)

@@ -15,7 +15,10 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 MAX_NAME = 48  # characters of a job dir name (or of a single run's suffix)
 HASH_CHARS = 6  # hex digits of the hash that ends a cut name
@@ -27,10 +30,18 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 SWEEP_KEYS = ("sweep", "hydra.mode", "hydra.sweeper", "hydra/sweeper")
 
 
-def _parse(overrides: Iterable[str]) -> list[Any]:
+def _parse(overrides: Iterable[str]) -> list[Override]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def override_values(overrides: Iterable[str]) -> dict[str, str]:
+    """Command-line overrides as key -> value text, in order (``+model.x=1`` -> ``model.x: 1``);
+    deletions (``~key``) left out."""
+    return {
+        o.key_or_group: o.get_value_element_as_str() for o in _parse(overrides) if not o.is_delete()
+    }
 
 
 def safe(text: str) -> str:
@@ -67,11 +78,7 @@ def override_label(overrides: Iterable[str], exclude_keys: Iterable[str] = ()) -
     ``exclude_keys``: group choices and other top-level keys first, then nested keys, seed last,
     each group in command-line order (which is the same in every job of a sweep)."""
     excluded = set(exclude_keys)
-    values = {
-        o.key_or_group: o.get_value_element_as_str()
-        for o in _parse(overrides)
-        if o.key_or_group not in excluded and not o.is_delete()
-    }
+    values = {k: v for k, v in override_values(overrides).items() if k not in excluded}
 
     def order(key: str) -> int:
         return 2 if key == SEED_KEY else int("." in key)

@@ -12,31 +12,35 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
 from parity_lab.config import validate
 from parity_lab.curve import length_curve
-from parity_lab.module import ParityModule
+from parity_lab.module import ParityModule, metric_name
 from parity_lab.run_files import RunFileError, first_line, write_atomic
+from parity_lab.tensorboard_log import RunLogger, log_run_record
 
 
-def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
-    """The run's settings, flattened to ``group/key`` for TensorBoard's HParams tab."""
-    flat: dict[str, Any] = {}
+def result_scalars(metrics: dict[str, Any], validated_last_step: bool) -> dict[str, float]:
+    """The run's results as TensorBoard scalars at its last step, where no series holds them yet.
 
-    def visit(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not key.startswith("_") or key == "_target_":  # _target_ names the model
-                    visit(value, f"{prefix}{key}/")
-        else:
-            flat[prefix[:-1]] = str(node) if isinstance(node, list) or node is None else node
-
-    visit(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    The final evaluation re-scores the validation sets (``val/acc``, ``test/acc_len_<L>``), so it
+    joins the ``val/`` series only if training ended between two validations.
+    """
+    scalars = {"val/solved": float(metrics["solved"]), "train/seconds": metrics["train_seconds"]}
+    if not validated_last_step:
+        scalars["val/acc"] = metrics["val/acc"]
+        for key, value in metrics.items():
+            if key.startswith("test/acc_len_"):
+                scalars[key.replace("test/", "val/", 1)] = value
+    if metrics["solved_step"] is not None:
+        scalars["val/solved_step"] = metrics["solved_step"]
+    for key in ("test/exact_until", "test/acc_unseen"):  # measured with eval.curve
+        if key in metrics:
+            scalars[key.replace("test/", "val/", 1)] = metrics[key]
+    return scalars
 
 
 def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_parameters: int) -> str:
@@ -118,7 +122,7 @@ def train(
         supervision=cfg.data.supervision,
         eval_names=datamodule.eval_names,
     )
-    logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
+    logger = RunLogger(run_dir, name="", version="", default_hp_metric=False)
     solved = SolvedTracker(cfg.eval.stop_when_solved)
     checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     callbacks: list[L.Callback] = [solved, checkpoint]
@@ -142,31 +146,31 @@ def train(
         check_checkpoint(resume_from, module)
     if cfg.resume is not None:
         print(f"resuming {run_dir} from {resume_from or 'step 0: it has no checkpoint yet'}")
-    metrics: dict[str, Any] = {}
     try:  # Lightning's own SIGTERM handling stops the loop at a step's end, as SIGTERMException
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         train_seconds = time.perf_counter() - start
-        for results in trainer.test(module, datamodule=datamodule, verbose=False):
-            metrics.update(results)
+        trainer.test(module, datamodule=datamodule, verbose=False)
     except SIGTERMException:
         raise Interrupted(run_dir, trainer.global_step) from None
+    metrics: dict[str, Any] = {  # the module logs the test pass for metrics.json only
+        name: trainer.callback_metrics[name].item()
+        for name in (metric_name("test", set_name) for set_name in datamodule.eval_names)
+    }
     metrics["solved"] = all(v == 1.0 for k, v in metrics.items() if "acc" in k)
     metrics["solved_step"] = solved.solved_step
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
+    step = metrics["global_step"]
     if cfg.eval.curve.max_len is not None:
-        metrics.update(
-            length_curve(module.model, cfg, run_dir, logger.experiment, metrics["global_step"])
-        )
+        metrics.update(length_curve(module.model, cfg, run_dir, logger.experiment, step))
 
-    # final/: the HParams tab's metrics, logged once at the last step, apart from the curves.
-    logger.log_hyperparams(
-        hyperparameters(cfg),
-        metrics={f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)},
-        step=trainer.global_step,
-    )
-    logger.finalize("success")  # flush and close the event file before returning
-    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    writer = logger.experiment
+    for tag, value in result_scalars(metrics, solved.validated_step == step).items():
+        writer.add_scalar(tag, value, step)
     num_parameters = sum(p.numel() for p in module.model.parameters())
-    print(summary(cfg, metrics, run_dir, num_parameters))
+    printed = summary(cfg, metrics, run_dir, num_parameters)
+    log_run_record(writer, cfg, run_dir, printed, step)
+    logger.close()
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    print(printed)
     return metrics

@@ -47,3 +47,14 @@ def event_tags(run_dir: Path, kind: str = "scalars") -> set[str]:
         accumulator.Reload()
         tags |= set(accumulator.Tags()[kind])
     return tags
+
+
+def scalar_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of one scalar tag in run_dir's event files, in the order written."""
+    series: list[tuple[int, float]] = []
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            series += [(event.step, event.value) for event in accumulator.Scalars(tag)]
+    return series

@@ -18,7 +18,7 @@ from parity_lab.evaluate import accuracy_at_length, accuracy_by_length, curve_le
 from parity_lab.models import ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn
 from parity_lab.train import train
-from tests.conftest import event_tags
+from tests.conftest import event_tags, scalar_series
 
 HANDSET = [handset_lstm, handset_gru, handset_rnn]
 
@@ -103,7 +103,10 @@ def test_length_curve_reports_lengths_beyond_training(make_config, tmp_path: Pat
     assert exact == max(curve) or min(acc for n, acc in curve.items() if n > exact) < 1.0
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert (tmp_path / "length_curve.png").stat().st_size > 0
-    assert "test/length_curve" in event_tags(tmp_path, "images")
+    assert "val/length_curve" in event_tags(tmp_path, "images")
+    # The curve is also a scalar series with step = length, so runs overlay in Time Series.
+    assert dict(scalar_series(tmp_path, "val/acc_by_length")) == pytest.approx(curve)
+    assert scalar_series(tmp_path, "val/exact_until") == [(metrics["global_step"], exact)]
 
 
 def test_curricula_pick_lengths_by_step_and_stay_reproducible() -> None:

@@ -6,11 +6,9 @@ import csv
 import importlib.util
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -117,76 +115,6 @@ def test_report_lists_missing_failed_and_unfinished_jobs(
     assert "| 1 | missing | model.hidden_size=4 seed=1" in markdown
     assert "| model.hidden_size=4 | 1/2 |" in result.stdout
     assert (sweep_dir / "summary.png").is_file()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, body: dict | None = None) -> object:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def test_tensorboard_serves_every_jobs_scalars_and_hparams(small_sweep: tuple[Path, str]):
-    sweep_dir = small_sweep[0]
-    runs = [d.name for d in job_dirs(sweep_dir)]  # TensorBoard's run names: the job dirs
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/data"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--load_fast", "false"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        tags: dict = {}
-        while time.monotonic() < deadline:
-            try:
-                tags = _get(f"{url}/plugin/scalars/tags")
-                if set(tags) == set(runs):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        assert set(tags) == set(runs)
-        for run in runs:
-            assert {"train/loss", "val/acc", "final/val/acc"} <= set(tags[run])
-            query = urllib.parse.urlencode({"run": run, "tag": "val/acc"})
-            steps = [step for _, step, _ in _get(f"{url}/plugin/scalars/scalars?{query}")]
-            assert steps == [9, 19, 20]  # two validations and the test; no final value at step 0
-
-        experiment = _get(f"{url}/plugin/hparams/experiment", {"experimentName": ""})
-        hparams = {info["name"]: info for info in experiment["hparamInfos"]}
-        assert {"model/hidden_size", "model/rnn/_target_", "seed", "optimizer/lr"} <= set(hparams)
-        metric_names = {m["name"]["tag"] for m in experiment["metricInfos"]}
-        assert {"final/val/acc", "final/test/acc_len_30", "final/solved"} <= metric_names
-
-        groups = _get(
-            f"{url}/plugin/hparams/session_groups",
-            {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
-             "startIndex": 0, "sliceSize": 100},
-        )["sessionGroups"]  # fmt: skip
-        sessions = {s["name"]: s for g in groups for s in g["sessions"]}
-        assert set(sessions) == set(runs)
-        for run, session in sessions.items():
-            metrics = json.loads((sweep_dir / run / "metrics.json").read_text())
-            values = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
-            assert values["final/val/acc"] == pytest.approx(metrics["val/acc"])
-            assert values["final/test/acc_len_30"] == pytest.approx(metrics["test/acc_len_30"])
-        group_hparams = [(g["hparams"]["model/hidden_size"], g["hparams"]["seed"]) for g in groups]
-        assert sorted(group_hparams) == [(4, 0), (4, 1), (8, 0), (8, 1)]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def test_submitit_local_sweep_runs_every_job(tmp_path: Path):

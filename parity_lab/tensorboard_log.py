@@ -1,0 +1,209 @@
+"""What a run shows in TensorBoard besides its curves: a short HParams record, the Text tab, and a
+logger that keeps the run in one event file.
+
+HParams gets at most ``MAX_SETTINGS`` settings: the swept keys, the config group choices
+(``model: gru``), a short fixed core, and the other command-line overrides. Every run declares the
+same metric list (``metric_tags``), since TensorBoard takes the experiment definition from one
+run: a metric a run did not measure is then only blank for that run.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.text.summary_v2 import text_pb
+from torch.utils.tensorboard import SummaryWriter
+
+from parity_lab.naming import override_values
+
+GROUPS = ("model", "data", "loss", "optimizer", "experiment")  # shown as their choice: model: gru
+CORE = (
+    "model.hidden_size",
+    "model.num_layers",
+    "optimizer.lr",
+    "data.min_len",
+    "data.max_len",
+    "data.supervision",
+    "data.encoding",
+    "data.batch_size",
+    "seed",
+)
+MAX_SETTINGS = 24
+NOT_SETTINGS = ("resume", "name", "sweep")  # overrides that do not change what is trained
+Setting = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class RunOrigin:
+    """How Hydra started a run, as its ``.hydra/hydra.yaml`` records it (a resumed run keeps its
+    original record): the group choices, the command-line overrides, and which keys were swept
+    (those not in ``override_dirname.exclude_keys``, see ``parity_lab.naming``)."""
+
+    choices: dict[str, str]
+    overrides: list[str]
+    swept: list[str]
+
+    @classmethod
+    def of(cls, run_dir: Path) -> RunOrigin:
+        path = run_dir / ".hydra" / "hydra.yaml"
+        if not path.is_file():  # train() called directly, without Hydra
+            return cls({}, [], [])
+        hydra = OmegaConf.to_container(OmegaConf.load(path).hydra, resolve=False)
+        overrides = [str(o) for o in hydra["overrides"]["task"]]
+        excluded = hydra["job"]["config"]["override_dirname"]["exclude_keys"]
+        swept = list(override_values(overrides)) if hydra["mode"] == "MULTIRUN" else []
+        choices = {k: str(v) for k, v in hydra["runtime"]["choices"].items() if v is not None}
+        return cls(choices, overrides, [k for k in swept if k not in excluded])
+
+    @property
+    def command(self) -> str:
+        """The command that reruns this run (one job of a sweep alone)."""
+        return shlex.join(["python", "-m", "parity_lab", *self.overrides])
+
+
+def run_settings(cfg: DictConfig, origin: RunOrigin) -> dict[str, Setting]:
+    """The run's HParams settings, swept keys first.
+
+    A swept key's value is its text on the command line (``4``, ``0.01``, ``null``, as in the
+    job's name): one type across the jobs of a sweep, whichever job TensorBoard takes the
+    experiment definition from, shown without TensorBoard's ``4.0000``. Other values keep their
+    type (an int stays an int); nulls are left out and lists become text.
+    """
+    values = override_values(origin.overrides)
+    keys = [*origin.swept, *GROUPS, *CORE, *values]
+    settings: dict[str, Setting] = {}
+    for key in dict.fromkeys(k for k in keys if k not in NOT_SETTINGS):
+        if key in origin.swept:
+            value: Any = values[key]
+        elif key in origin.choices:
+            value = origin.choices[key]
+        else:
+            value = OmegaConf.select(cfg, key, default=None)
+            if OmegaConf.is_list(value):
+                value = str(OmegaConf.to_container(value))
+        if value is None or OmegaConf.is_config(value):  # a group without Hydra's choice record
+            continue
+        settings[key] = value
+        if len(settings) == MAX_SETTINGS:
+            break
+    return settings
+
+
+def metric_tags(cfg: DictConfig) -> list[str]:
+    """The HParams metrics, the same list for every run; each is a scalar tag whose last value is
+    the run's result (``val/acc_len_<L>`` ends at the value ``metrics.json`` calls
+    ``test/acc_len_<L>``)."""
+    return [
+        "val/acc",
+        *(f"val/acc_len_{n}" for n in cfg.eval.lengths),
+        "val/solved",
+        "val/solved_step",
+        "val/exact_until",
+        "val/acc_unseen",
+        "train/loss",
+        "train/seconds",
+    ]
+
+
+def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
+    summary = Summary()
+    summary.value.add(
+        tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR
+    )
+    return summary
+
+
+def _data_type(value: Setting) -> int:
+    if isinstance(value, bool):
+        return api_pb2.DATA_TYPE_BOOL
+    return api_pb2.DATA_TYPE_STRING if isinstance(value, str) else api_pb2.DATA_TYPE_FLOAT64
+
+
+def hparams_summaries(
+    settings: Mapping[str, Setting], swept: Sequence[str], metrics: Sequence[str]
+) -> list[Summary]:
+    """The experiment definition (swept keys marked as differing, which TensorBoard lists first),
+    the run's session with its settings, and the session's end."""
+    experiment = api_pb2.Experiment(
+        hparam_infos=[
+            api_pb2.HParamInfo(name=key, type=_data_type(value), differs=key in swept)
+            for key, value in settings.items()
+        ],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metrics],
+    )
+    start = plugin_data_pb2.SessionStartInfo()
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            start.hparams[key].bool_value = value
+        elif isinstance(value, str):
+            start.hparams[key].string_value = value
+        else:
+            start.hparams[key].number_value = value
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+    return [
+        _hparams_summary(
+            metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)
+        ),
+        _hparams_summary(
+            metadata.SESSION_START_INFO_TAG,
+            plugin_data_pb2.HParamsPluginData(session_start_info=start),
+        ),
+        _hparams_summary(
+            metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)
+        ),
+    ]
+
+
+def _code(text: str) -> str:
+    """Markdown for TensorBoard's Text tab that keeps ``text`` as it is (a fenced block)."""
+    return f"```\n{text.strip()}\n```"
+
+
+def text_entries(summary: str, origin: RunOrigin, cfg: DictConfig) -> dict[str, str]:
+    """The Text tab: the printed summary, the command that reruns the run, the composed config."""
+    return {
+        "run/summary": _code(summary),
+        "run/command": _code(origin.command),
+        "run/config": _code(OmegaConf.to_yaml(cfg)),
+    }
+
+
+def log_run_record(
+    writer: SummaryWriter, cfg: DictConfig, run_dir: Path, printed: str, step: int
+) -> None:
+    """Write a finished run's HParams session and its Text tab (``printed``: its summary)."""
+    origin = RunOrigin.of(run_dir)
+    summaries = hparams_summaries(run_settings(cfg, origin), origin.swept, metric_tags(cfg))
+    summaries += [text_pb(tag, text) for tag, text in text_entries(printed, origin, cfg).items()]
+    for summary in summaries:
+        writer.file_writer.add_summary(summary, step)
+
+
+class RunLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger, writing one event file per run process and nothing else.
+
+    Lightning finalizes its loggers after ``fit`` and again after ``test``, and a closed writer
+    reopens in a new event file, so finalizing here only flushes; ``train`` closes the writer once
+    at the end. No ``epoch`` scalar (the x-axis is the step) and no ``hparams.yaml``
+    (``.hydra/config.yaml`` records the config).
+    """
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    def save(self) -> None:
+        self.experiment.flush()
+
+    def finalize(self, status: str) -> None:
+        self.save()
+
+    def close(self) -> None:
+        self.experiment.close()
