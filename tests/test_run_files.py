@@ -260,7 +260,6 @@ def test_resume_of_a_sweep_job_with_every_awkward_character_completes(tmp_path: 
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # no other directory made
-    assert (run / "__main__.log").is_file()
 
 
 # predict's input and output -------------------------------------------------------------------
