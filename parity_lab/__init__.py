@@ -9,6 +9,8 @@ READOUTS = ("last", "padded_end")  # model.readout: where a string's prediction 
 # model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULES = ("none", "linear", "warmup")  # data.curriculum.schedule (see data.Curriculum)
+# model.eigenvalues of linear_rnn / deltanet: transition values in [0, 1] or in [-1, 1]
+EIGENVALUES = ("positive", "signed")
 
 
 def _input_size(encoding: str) -> int:

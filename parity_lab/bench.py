@@ -18,7 +18,9 @@ Prints tables and writes everything to ``--output`` as JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -33,9 +35,37 @@ import torch
 from torch import nn
 
 from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
+from parity_lab.evaluate import CHUNK_LEN
+from parity_lab.models import manual
+from parity_lab.models.manual import ManualLSTM, ManualRecurrent
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MODELS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+TWINS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+# every model of conf/model: the twins first, then the others by name
+MODELS = TWINS + sorted({p.stem for p in (CONF / "model").glob("*.yaml")} - set(TWINS))
+
+
+class PyTorchLSTM(ManualLSTM):
+    """``lstm_manual`` without its C kernel: ``step`` and the hand-written ``step_backward``."""
+
+    def native_layer(self, *_: Any) -> None:
+        return None
+
+
+class AutogradLSTM(PyTorchLSTM):
+    """``lstm_manual``'s ``step`` alone, as a new cell is written: its backward is derived."""
+
+    step_backward = ManualRecurrent.step_backward
+
+
+# Bench-only variants: a config model plus the class that replaces its recurrent core.
+VARIANTS = {
+    "lstm_manual_pytorch": ("lstm_manual", PyTorchLSTM),
+    "lstm_manual_autograd": ("lstm_manual", AutogradLSTM),
+}
+DEFAULT_MODELS = [
+    m for twin in TWINS for m in (twin, *(v for v, (base, _) in VARIANTS.items() if base == twin))
+] + [m for m in MODELS if m not in TWINS]
 
 
 def compose(*overrides: str) -> Any:
@@ -54,28 +84,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(
-    step: Callable[[], None], device: torch.device, warmup: int, repeats: int, steps: int
-) -> tuple[float, float]:
-    """(median, min) milliseconds per call over ``repeats`` timed blocks of ``steps`` calls."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    blocks = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        blocks.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(blocks), min(blocks)
-
-
-def training_step_ms(model_name: str, max_len: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Milliseconds per training step of one model on fixed, pre-generated batches."""
+def make_training_step(
+    model_name: str, max_len: int, args: argparse.Namespace
+) -> Callable[[], None]:
+    """One model's training step (forward, loss, backward, optimizer step) on fixed batches."""
     from hydra.utils import instantiate
 
     overrides = [f"model={model_name}", f"model.hidden_size={args.hidden}"]
+    if model_name in VARIANTS:
+        config_name, core = VARIANTS[model_name]
+        overrides[0] = f"model={config_name}"
+        overrides.append(f"model.rnn._target_={core.__module__}.{core.__qualname__}")
     if args.compile:
         overrides.append(f"model.compile={args.compile}")
     cfg = compose(*overrides)
@@ -91,34 +110,78 @@ def training_step_ms(model_name: str, max_len: int, args: argparse.Namespace) ->
     def step() -> None:
         x, lengths, targets = batches[index[0] % len(batches)]
         index[0] += 1
-        final = model.final_logits(model(x, lengths), lengths)
-        parity = targets.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-        loss = loss_fn(final, parity)
+        last = (lengths - 1).unsqueeze(1)
+        final = model(x, lengths).gather(1, last).squeeze(1)
+        loss = loss_fn(final, targets.gather(1, last).squeeze(1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    ms, ms_min = median_ms(step, device, args.warmup, args.repeats, args.steps)
-    return {
-        "model": model_name,
-        "max_len": max_len,
-        "ms_per_step": round(ms, 4),
-        "ms_per_step_min": round(ms_min, 4),
-        "strings_per_s": round(args.batch / ms * 1e3, 1),
-    }
+    return step
+
+
+def training_step_ms(
+    models: list[str], max_len: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Milliseconds per training step of several models at one max_len, timed in turn.
+
+    Each repeat times one block of ``--steps`` steps of every model, one model after the other,
+    so a change in the machine's load hits all of them alike and their ratios stay meaningful;
+    the median block is reported, and the spread of the blocks beside it.
+    """
+    device = torch.device(args.device)
+    steps = {}
+    for name in models:
+        start = time.perf_counter()
+        steps[name] = make_training_step(name, max_len, args)
+        for _ in range(args.warmup):
+            steps[name]()
+        synchronize(device)
+        steps[name] = (steps[name], time.perf_counter() - start)
+    blocks: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name in models:
+            step = steps[name][0]
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            synchronize(device)
+            blocks[name].append((time.perf_counter() - start) / args.steps * 1e3)
+    rows = []
+    for name in models:
+        ms = statistics.median(blocks[name])
+        rows.append(
+            {
+                "model": name,
+                "max_len": max_len,
+                "ms_per_step": round(ms, 4),
+                "ms_per_step_min": round(min(blocks[name]), 4),
+                "ms_per_step_max": round(max(blocks[name]), 4),
+                "strings_per_s": round(args.batch / ms * 1e3, 1),
+                "setup_s": round(steps[name][1], 3),  # build, first steps, any compilation
+            }
+        )
+    return rows
+
+
+# (numerator, denominator) of the ratios printed beside the throughput table
+PAIRS = [
+    *((f"{m}_manual", m) for m in ("rnn", "lstm", "gru")),
+    ("lstm_manual_pytorch", "lstm"),
+    ("lstm_manual_autograd", "lstm_manual_pytorch"),
+]
 
 
 def ratios(throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Hand-written over built-in ms/step, for every pair measured at the same max_len."""
+    """ms/step ratios of the ``PAIRS`` measured at the same max_len: hand-written over built-in,
+    and a cell's derived backward over its hand-written one."""
     ms = {(r["model"], r["max_len"]): r["ms_per_step"] for r in throughput}
+    lengths = sorted({r["max_len"] for r in throughput})
     return [
-        {
-            "pair": f"{model}/{model.removesuffix('_manual')}",
-            "max_len": max_len,
-            "ratio": round(value / ms[model.removesuffix("_manual"), max_len], 3),
-        }
-        for (model, max_len), value in ms.items()
-        if model.endswith("_manual") and (model.removesuffix("_manual"), max_len) in ms
+        {"pair": f"{a}/{b}", "max_len": n, "ratio": round(ms[a, n] / ms[b, n], 3)}
+        for n in lengths
+        for a, b in PAIRS
+        if (a, n) in ms and (b, n) in ms
     ]
 
 
@@ -270,29 +333,61 @@ def run_breakdown(overrides: list[str]) -> dict[str, Any]:
     }
 
 
+def peak_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """This CPU's float32 matmul GFLOP/s on the torch threads set (a large square matmul, the best
+    of ``repeats``), in CPU time: time the process waited for other processes does not count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def weight_flops(model: nn.Module) -> int:
+    """FLOPs per string and time step of the weight matrices (one multiply-add per weight):
+    the arithmetic a recurrent layer cannot avoid. The head reads only the last position."""
+    return 2 * sum(
+        p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "head" not in name
+    )
+
+
 def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Seconds to evaluate ``--eval-strings`` strings of each length in ``--eval-bits``."""
+    """Seconds to evaluate ``--eval-strings`` strings of each length in ``--eval-bits``, with
+    each ``--eval-model``; beside it the weight FLOP/s achieved, against ``peak_gflops``."""
     from hydra.utils import instantiate
 
     from parity_lab.evaluate import accuracy_at_length
 
-    cfg = compose(f"model={args.eval_model}", f"model.hidden_size={args.hidden}")
-    torch.manual_seed(0)
-    model = instantiate(cfg.model).to(args.device).eval()
+    peak = peak_gflops()
     results = []
-    for bits in args.eval_bits:
-        start = time.perf_counter()
-        accuracy = accuracy_at_length(model, bits, args.eval_strings, seed=0)
-        synchronize(torch.device(args.device))
-        results.append(
-            {
-                "model": args.eval_model,
-                "bits": bits,
-                "strings": args.eval_strings,
-                "seconds": round(time.perf_counter() - start, 3),
-                "accuracy_untrained": accuracy,
-            }
-        )
+    for name in args.eval_model:
+        cfg = compose(f"model={name}", f"model.hidden_size={args.hidden}")
+        torch.manual_seed(0)
+        model = instantiate(cfg.model).to(args.device).eval()
+        accuracy_at_length(model, 64, args.eval_strings, seed=0)  # warm-up: kernels, allocator
+        for bits, chunk in itertools.product(args.eval_bits, args.eval_chunk):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            accuracy = accuracy_at_length(model, bits, args.eval_strings, 0, chunk_len=chunk)
+            synchronize(torch.device(args.device))
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            gflops = weight_flops(model) * bits * args.eval_strings / cpu / 1e9
+            results.append(
+                {
+                    "model": name,
+                    "bits": bits,
+                    "strings": args.eval_strings,
+                    "chunk_len": chunk,
+                    "seconds": round(seconds, 3),
+                    "cpu_seconds": round(cpu, 3),
+                    "weight_gflops": float(f"{gflops:.3g}"),
+                    "share_of_peak": float(f"{gflops / peak:.3g}"),
+                    "peak_gflops": round(peak, 1),
+                    "accuracy_untrained": accuracy,
+                }
+            )
     return results
 
 
@@ -363,7 +458,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m parity_lab.bench", description=__doc__.split("\n")[0]
     )
     add = parser.add_argument
-    add("--models", nargs="+", default=MODELS, choices=MODELS, help="models to time")
+    add(
+        "--models",
+        nargs="+",
+        default=MODELS,
+        choices=MODELS + list(VARIANTS),
+        help="models to time",
+    )
     add("--batch", type=int, default=128, help="strings per training step")
     add("--min-len", type=int, default=1)
     add("--max-len", type=int, nargs="+", default=[20], help="one or more max_len to time")
@@ -372,6 +473,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--threads", type=int, default=1, help="torch CPU threads")
     add("--compile", default=None, help="model.compile mode for the timed models (e.g. default)")
     add("--warmup", type=int, default=10, help="untimed steps before timing")
+    add(
+        "--compile-after",
+        type=int,
+        default=0,
+        help="time steps a cell without step_backward runs eagerly before its derived graphs are "
+        "compiled (training runs: 200000; 0 here times the compiled steady state, -1 never)",
+    )
     add("--repeats", type=int, default=7, help="timed blocks; the median block is reported")
     add("--steps", type=int, default=20, help="training steps per timed block")
     add("--solve-seeds", type=int, default=5, help="seeds of the default run to time (0: skip)")
@@ -387,7 +495,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
     add("--eval-strings", type=int, default=512)
-    add("--eval-model", default="lstm", choices=MODELS)
+    add("--eval-chunk", type=int, nargs="+", default=[CHUNK_LEN], help="bits per chunk to time")
+    add("--eval-model", nargs="+", default=["lstm"], choices=MODELS, help="models to evaluate")
     add(
         "--startup",
         action="store_true",
@@ -401,6 +510,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    manual.COMPILE_AFTER = args.compile_after
     results: dict[str, Any] = {
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
         "machine": {
@@ -417,12 +527,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwritten to {args.output}")
         return results
-    throughput = [training_step_ms(m, n, args) for n in args.max_len for m in args.models]
+    throughput = [row for n in args.max_len for row in training_step_ms(args.models, n, args)]
     results["throughput"] = throughput
     results["ratios"] = ratios(throughput)
-    print(
-        table(throughput, ["model", "max_len", "ms_per_step", "ms_per_step_min", "strings_per_s"])
-    )
+    columns = ["model", "max_len", "ms_per_step", "ms_per_step_min", "ms_per_step_max"]
+    print(table(throughput, [*columns, "strings_per_s", "setup_s"]))
     if results["ratios"]:
         print("\n" + table(results["ratios"], ["pair", "max_len", "ratio"]))
 
@@ -458,7 +567,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.eval_bits:
         results["evaluation"] = evaluation_seconds(args)
-        print("\n" + table(results["evaluation"], ["model", "bits", "strings", "seconds"]))
+        columns = ["model", "bits", "chunk_len", "strings", "seconds", "cpu_seconds"]
+        columns += ["weight_gflops"]
+        print("\n" + table(results["evaluation"], [*columns, "share_of_peak", "peak_gflops"]))
 
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten to {args.output}")

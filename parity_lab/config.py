@@ -12,7 +12,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab import COMPILE_MODES, ENCODING_SIZES, READOUTS, SCHEDULES
+from parity_lab import COMPILE_MODES, EIGENVALUES, ENCODING_SIZES, READOUTS, SCHEDULES
 from parity_lab.run_files import (
     CorruptResultError,
     UnsafeConfigError,
@@ -108,6 +108,10 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "model.num_layers", 1)
     _choice(cfg, "model.readout", READOUTS)
     _choice(cfg, "model.compile", COMPILE_MODES)
+    if "eigenvalues" in cfg.model:  # linear_rnn and deltanet only
+        _choice(cfg, "model.eigenvalues", EIGENVALUES)
+    if "max_len" in cfg.model:  # the Transformer: it cannot train on longer strings
+        _int(cfg, "model.max_len", cfg.data.max_len)
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
     if cfg.data.min_len > cfg.data.max_len:

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from parity_lab.evaluate import accuracy_by_length, curve_lengths
+from parity_lab.evaluate import accuracy_by_length, curve_lengths, readable_lengths, skip_note
 from parity_lab.models import ParityRNN
 from parity_lab.run_files import atomic_path
 
@@ -78,7 +78,11 @@ def length_curve(
     """Evaluate ``model`` over the configured lengths; write ``length_curve.png`` into ``run_dir``
     and the figure to TensorBoard ``writer``; return the metrics for ``metrics.json``."""
     options = cfg.eval.curve
-    lengths = curve_lengths(options.max_len, options.dense_until, options.per_decade)
+    lengths, skipped = readable_lengths(
+        model, curve_lengths(options.max_len, options.dense_until, options.per_decade)
+    )
+    if skipped:
+        print(skip_note(model, skipped, "the length curve"))
     curve = accuracy_by_length(
         model, lengths, options.num_strings, cfg.seed, cfg.data.encoding, options.chunk_len
     )
@@ -93,6 +97,8 @@ def length_curve(
         "test/exact_until": exact_until(curve),
         "length_curve": {str(n): acc for n, acc in curve.items()},
     }
+    if skipped:  # not evaluated: neither in the curve nor in exact_until
+        metrics["length_curve_skipped"] = skipped
     if unseen:
         metrics["test/acc_unseen"] = sum(unseen) / len(unseen)
     return metrics

@@ -13,6 +13,11 @@ import torch
 from parity_lab.data import encode, key_generator
 from parity_lab.models import ParityRNN
 
+# Bits per chunk. Short chunks keep a chunk's activations (strings x bits x gates) in cache: at 64,
+# 512 strings of 1,000,000 bits take nn.LSTM 37 s of CPU instead of 66 s at 4096, and every other
+# model measured gains too (python -m parity_lab.bench --eval-bits, docs/performance.md).
+CHUNK_LEN = 64
+
 
 @torch.inference_mode()
 def accuracy_at_length(
@@ -21,7 +26,7 @@ def accuracy_at_length(
     num_strings: int,
     seed: int,
     encoding: str = "bit",
-    chunk_len: int = 4096,
+    chunk_len: int = CHUNK_LEN,
 ) -> float:
     """Share of ``num_strings`` random strings of exactly ``length`` bits whose parity is right.
 
@@ -41,6 +46,25 @@ def accuracy_at_length(
         outputs, state = model.rnn(encode(bits, full, encoding).to(device), state)
     predictions = (model.head(outputs[:, -1]).squeeze(-1) > 0).long().cpu()
     return (predictions == parity).float().mean().item()
+
+
+def readable_lengths(model: ParityRNN, lengths: list[int]) -> tuple[list[int], list[int]]:
+    """``(lengths the model reads, lengths beyond its max_len)``, each in the given order.
+
+    Only a Transformer has a ``max_len``; evaluation skips the longer lengths instead of failing.
+    """
+    limit = model.max_len
+    if limit is None:
+        return list(lengths), []
+    return [n for n in lengths if n <= limit], [n for n in lengths if n > limit]
+
+
+def skip_note(model: ParityRNN, skipped: list[int], where: str) -> str:
+    """The printed note for lengths ``readable_lengths`` left out of ``where``."""
+    return (
+        f"note: {where} skips lengths {skipped}: longer than model.max_len={model.max_len}, "
+        "the longest string this model reads"
+    )
 
 
 def curve_lengths(max_len: int, dense_until: int, per_decade: int) -> list[int]:
@@ -64,7 +88,7 @@ def accuracy_by_length(
     num_strings: int,
     seed: int,
     encoding: str = "bit",
-    chunk_len: int = 4096,
+    chunk_len: int = CHUNK_LEN,
 ) -> dict[int, float]:
     """Accuracy at every length in ``lengths``, from one pass over ``num_strings`` streams.
 

@@ -38,6 +38,16 @@ def check_bit_strings(strings: list[str]) -> None:
             raise PredictError(f"{shown!r} is not a bit string: expected one or more of 0 and 1")
 
 
+def check_readable(model: ParityRNN, strings: list[str]) -> None:
+    """Refuse strings longer than the model reads (a Transformer's ``model.max_len``)."""
+    longest = max(map(len, strings), default=0)
+    if model.max_len is not None and longest > model.max_len:
+        raise PredictError(
+            f"a string of {longest} bits is longer than model.max_len={model.max_len}, "
+            "the longest this run's model reads"
+        )
+
+
 def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
     """The run's model with the weights of its last checkpoint, and the run's config.
 
@@ -130,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         strings = args.bits or stdin_strings()
         check_bit_strings(strings)
         model, cfg = load_run(args.run_dir)
+        check_readable(model, strings)
     except PredictError as error:
         sys.exit(f"predict: {error}")
     torch.set_num_threads(cfg.num_threads)

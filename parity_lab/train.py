@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
 from parity_lab.config import validate
 from parity_lab.curve import length_curve
+from parity_lab.evaluate import readable_lengths, skip_note
 from parity_lab.module import ParityModule, metric_name
 from parity_lab.run_files import RunFileError, first_line, write_atomic
 from parity_lab.tensorboard_log import RunLogger, log_run_record
@@ -108,22 +109,28 @@ def train(
     torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, verbose=False)
 
+    model = instantiate(cfg.model)
+    # A Transformer reads at most model.max_len bits: longer eval lengths are skipped, recorded,
+    # and keep the run from counting as solved.
+    eval_lengths, skipped = readable_lengths(model, list(cfg.eval.lengths))
+    if skipped:
+        print(skip_note(model, skipped, "eval.lengths") + "; the run cannot count as solved")
     datamodule = instantiate(
         cfg.data,
         seed=cfg.seed,
-        eval_lengths=list(cfg.eval.lengths),
+        eval_lengths=eval_lengths,
         num_val=cfg.eval.num_val,
         num_test=cfg.eval.num_test,
     )
     module = ParityModule(
-        model=instantiate(cfg.model),
+        model=model,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         supervision=cfg.data.supervision,
         eval_names=datamodule.eval_names,
     )
     logger = RunLogger(run_dir, name="", version="", default_hp_metric=False)
-    solved = SolvedTracker(cfg.eval.stop_when_solved)
+    solved = SolvedTracker(cfg.eval.stop_when_solved and not skipped)
     checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     callbacks: list[L.Callback] = [solved, checkpoint]
     if cfg.trainer.get("enable_progress_bar", True):
@@ -156,8 +163,10 @@ def train(
         name: trainer.callback_metrics[name].item()
         for name in (metric_name("test", set_name) for set_name in datamodule.eval_names)
     }
-    metrics["solved"] = all(v == 1.0 for k, v in metrics.items() if "acc" in k)
-    metrics["solved_step"] = solved.solved_step
+    metrics["solved"] = not skipped and all(v == 1.0 for k, v in metrics.items() if "acc" in k)
+    metrics["solved_step"] = None if skipped else solved.solved_step
+    if skipped:
+        metrics["test/skipped_lengths"] = skipped
     metrics["global_step"] = trainer.global_step
     metrics["train_seconds"] = round(train_seconds, 3)
     step = metrics["global_step"]

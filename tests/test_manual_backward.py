@@ -1,12 +1,13 @@
-"""The hand-written backward through time gives torch's gradients, for every manual cell."""
+"""The hand-written backward through time, the LSTM's C kernel and the backward derived from a
+lone ``step`` all give torch's gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from parity_lab.models import ManualGRU, ManualLSTM, ManualRNN
-from parity_lab.models.manual import BackpropThroughTime
+from parity_lab.models import ManualGRU, ManualLSTM, ManualRNN, manual, native
+from parity_lab.models.manual import BackpropThroughTime, ManualRecurrent
 
 TWINS = [(ManualRNN, torch.nn.RNN), (ManualLSTM, torch.nn.LSTM), (ManualGRU, torch.nn.GRU)]
 
@@ -72,3 +73,193 @@ def test_inference_path_equals_training_path(manual) -> None:
     with torch.no_grad():
         without_grad, _ = core(x)
     torch.testing.assert_close(with_grad.detach(), without_grad, atol=0, rtol=0)
+
+
+class StepOnlyLSTM(ManualLSTM):
+    """ManualLSTM as a new cell is written: ``step`` alone."""
+
+    step_backward = ManualRecurrent.step_backward
+
+
+class PyTorchLSTM(ManualLSTM):
+    """ManualLSTM without its C kernel."""
+
+    def native_layer(self, *_):
+        return None
+
+
+def float32_twins(hidden: int, num_layers: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    kernel, reference = ManualLSTM(2, hidden, num_layers), PyTorchLSTM(2, hidden, num_layers)
+    reference.load_state_dict(kernel.state_dict())
+    return kernel, reference
+
+
+@pytest.mark.parametrize(("hidden", "num_layers"), [(16, 1), (3, 2)])
+def test_lstm_kernel_equals_the_pytorch_step(hidden: int, num_layers: int) -> None:
+    """The C kernel (float32) gives the Python equations' outputs, final state and gradients."""
+    if native.load("lstm", hidden) is None:
+        pytest.skip("no C compiler")
+    kernel, reference = float32_twins(hidden, num_layers)
+    x = torch.randn(5, 9, 2, requires_grad=True)
+    state = tuple(torch.randn(num_layers, 5, hidden, requires_grad=True) for _ in range(2))
+    expected, actual = gradients(reference, x, state), gradients(kernel, x, state)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # the inference path keeps two cell states, not all of them
+        (out_ref, final_ref), (out, final) = reference(x, state), kernel(x, state)
+    torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(final, final_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_lstm_kernel_runs_when_it_applies(monkeypatch) -> None:
+    """Float32 on the CPU goes through the kernel; float64 and subclasses that change the
+    equations run ``step``."""
+    if native.load("lstm", 4) is None:
+        pytest.skip("no C compiler")
+    calls = []
+    for name in ("lstm_inference", "lstm_training"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real: calls.append(a) or real(*a))
+    ManualLSTM(1, 4)(torch.zeros(2, 3, 1))
+    with torch.no_grad():
+        ManualLSTM(1, 4)(torch.zeros(2, 3, 1))
+    assert len(calls) == 2
+    ManualLSTM(1, 4).double()(torch.zeros(2, 3, 1, dtype=torch.float64))
+    StepOnlyLSTM(1, 4)(torch.zeros(2, 3, 1))
+    assert len(calls) == 2
+
+
+def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PARITY_LAB_CACHE", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not build the C kernel lstm.c"):
+            outputs, _ = ManualLSTM(1, 7)(torch.zeros(2, 3, 1))
+        assert outputs.shape == (2, 3, 7)
+    finally:
+        native.load.cache_clear()
+
+
+@pytest.mark.parametrize(("step_only", "builtin"), [(StepOnlyLSTM, torch.nn.LSTM)])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_derived_backward_gives_builtin_gradients(step_only, builtin, num_layers: int) -> None:
+    """A cell with only ``step`` trains through a backward traced from it: torch's gradients."""
+    torch.manual_seed(0)
+    reference = builtin(2, 5, num_layers, batch_first=True).double()
+    cell = step_only(2, 5, num_layers, batch_first=True).double()
+    cell.load_state_dict(reference.state_dict())
+    x = torch.randn(7, 11, 2, dtype=torch.float64, requires_grad=True)
+    state = initial_state(cell, num_layers, 7)
+    expected, actual = gradients(reference, x, state), gradients(cell, x, state)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+    derived = [d for d in manual._derived[cell].values()]
+    assert len(derived) == 1  # one trace per input signature, shared by the layers
+    assert all(d is not None and d.deferred for d in derived)  # weight gradients in one matmul
+
+
+def test_step_reading_its_own_parameter_is_not_traced() -> None:
+    """A parameter that ``step`` reads from ``self`` would be a constant in a trace: such a cell
+    stays with autograd, and its gradient is still right."""
+
+    class ScaledRNN(ManualRNN):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+        def step(self, x_proj, state, weight_hh, bias_hh, saved=None):
+            h, _ = super().step(x_proj * self.scale, state, weight_hh, bias_hh)
+            return h, (h,)
+
+    step_backward = ManualRecurrent.step_backward
+    ScaledRNN.step_backward = step_backward
+    cell = ScaledRNN(1, 3).double()
+    x = torch.randn(2, 4, 1, dtype=torch.float64)
+    cell(x)[0].sum().backward()
+    assert manual._derived[cell] == {next(iter(manual._derived[cell])): None}
+    assert cell.scale.grad is not None and cell.scale.grad != 0
+    assert torch.autograd.gradcheck(
+        lambda s: ScaledRNN.forward(cell, x * s)[0],
+        torch.ones(1, dtype=torch.float64, requires_grad=True),
+    )
+
+
+def test_untraceable_step_warns_and_uses_autograd() -> None:
+    class BranchingRNN(ManualRNN):
+        step_backward = ManualRecurrent.step_backward
+
+        def step(self, x_proj, state, weight_hh, bias_hh, saved=None):
+            h, new = super().step(x_proj, state, weight_hh, bias_hh)
+            if bool(h.sum() > 1e9):  # data-dependent Python: no graph can hold it
+                h = h * 0
+            return h, (h,)
+
+    torch.manual_seed(0)
+    cell, reference = BranchingRNN(1, 3), ManualRNN(1, 3)
+    reference.load_state_dict(cell.state_dict())
+    x = torch.randn(2, 4, 1)
+    with pytest.warns(UserWarning, match="could not derive a backward from step"):
+        cell(x)[0].sum().backward()
+    reference(x)[0].sum().backward()
+    torch.testing.assert_close(cell.weight_hh_l0.grad, reference.weight_hh_l0.grad)
+
+
+@pytest.mark.parametrize("cell", [ManualLSTM, ManualGRU])
+def test_long_inference_in_blocks_equals_one_pass(cell, monkeypatch) -> None:
+    """Without gradients a long sequence runs in blocks of time, the state carried across."""
+    torch.manual_seed(0)
+    core = cell(1, 4, 2)
+    x = torch.randint(0, 2, (3, 10, 1)).float()
+    with torch.no_grad():
+        whole, whole_state = core(x)
+        monkeypatch.setattr(manual, "INFERENCE_BLOCK", 3)
+        blocks, blocks_state = core(x)
+    torch.testing.assert_close(blocks, whole, atol=1e-6, rtol=1e-6)  # matmul sizes differ
+    torch.testing.assert_close(blocks_state, whole_state, atol=1e-6, rtol=1e-6)
+
+
+def test_derived_step_compiles_after_enough_steps(monkeypatch) -> None:
+    """After ``COMPILE_AFTER`` time steps the derived graphs go to inductor, decomposed (here a
+    stub stands in for inductor's seconds of C++ compilation), and the gradients stay torch's."""
+    import torch._inductor.compile_fx as inductor
+
+    compiled = []
+
+    def stub(graph, inputs):
+        compiled.append(graph)
+        return lambda args: graph(*args)
+
+    monkeypatch.setattr(inductor, "compile_fx_inner", stub)
+    monkeypatch.setattr(manual, "COMPILE_AFTER", 20)
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(2, 5, batch_first=True).double()
+    cell = StepOnlyLSTM(2, 5).double()
+    cell.load_state_dict(reference.state_dict())
+    x = torch.randn(7, 11, 2, dtype=torch.float64, requires_grad=True)
+    state = initial_state(cell, 1, 7)
+    gradients(cell, x, state)  # 11 steps: still eager
+    assert compiled == []
+    expected, actual = gradients(reference, x, state), gradients(cell, x, state)  # 22: compiled
+    assert len(compiled) == 2  # forward and backward, once
+    (derived,) = manual._derived[cell].values()
+    assert derived.compiled and derived.deferred
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name)
+    gradients(cell, x, state)
+    assert len(compiled) == 2
+
+
+def test_failed_compilation_warns_and_stays_eager(monkeypatch) -> None:
+    import torch._inductor.compile_fx as inductor
+
+    def broken(graph, inputs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(inductor, "compile_fx_inner", broken)
+    monkeypatch.setattr(manual, "COMPILE_AFTER", 0)
+    cell = StepOnlyLSTM(1, 3)
+    with pytest.warns(UserWarning, match="could not compile its derived step"):
+        cell(torch.randn(2, 4, 1))[0].sum().backward()
+    assert cell.weight_hh_l0.grad is not None

@@ -35,6 +35,7 @@ def test_bench_writes_every_section(tmp_path: Path) -> None:
         + ["--warmup", "1", "--repeats", "2", "--steps", "2", "--solve-seeds", "1"]
         + ["--solve-overrides", *shrink, "--notebook-seeds", "1", "--notebook-max-steps", "4"]
         + ["--notebook-eval-every", "2", "--eval-bits", "30", "--eval-strings", "4"]
+        + ["--eval-chunk", "8", "30"]
         + ["--output", str(output)]
     )
     results = json.loads(output.read_text())
@@ -45,7 +46,8 @@ def test_bench_writes_every_section(tmp_path: Path) -> None:
         ("rnn_manual", 6),
     ]
     for row in results["throughput"]:
-        assert row["ms_per_step"] > 0 and row["strings_per_s"] > 0
+        assert 0 < row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
+        assert row["strings_per_s"] > 0 and row["setup_s"] > 0
     assert [(r["pair"], r["max_len"]) for r in results["ratios"]] == [
         ("rnn_manual/rnn", 5),
         ("rnn_manual/rnn", 6),
@@ -58,7 +60,42 @@ def test_bench_writes_every_section(tmp_path: Path) -> None:
     breakdown = results["breakdown"]
     assert breakdown["global_step"] == 3
     assert 0 < breakdown["data_and_eval_share"] < 1
-    assert [(r["bits"], r["strings"]) for r in results["evaluation"]] == [(30, 4)]
+    evaluation = [(r["bits"], r["chunk_len"], r["strings"]) for r in results["evaluation"]]
+    assert evaluation == [(30, 8, 4), (30, 30, 4)]
+    assert results["evaluation"][0]["weight_gflops"] > 0
+    assert results["evaluation"][0]["share_of_peak"] > 0
+
+
+def test_ratios_pair_twins_and_the_derived_backward() -> None:
+    rows = [
+        {"model": m, "max_len": n, "ms_per_step": ms}
+        for m, n, ms in [
+            ("lstm", 20, 2.0),
+            ("lstm_manual", 20, 1.0),
+            ("lstm_manual_pytorch", 20, 4.0),
+            ("lstm_manual_autograd", 20, 5.0),
+            ("lstm", 50, 3.0),
+        ]
+    ]
+    assert bench.ratios(rows) == [
+        {"pair": "lstm_manual/lstm", "max_len": 20, "ratio": 0.5},
+        {"pair": "lstm_manual_pytorch/lstm", "max_len": 20, "ratio": 2.0},
+        {"pair": "lstm_manual_autograd/lstm_manual_pytorch", "max_len": 20, "ratio": 1.25},
+    ]
+
+
+def test_weight_flops_count_one_multiply_add_per_weight() -> None:
+    model = build("model=lstm", "model.hidden_size=16")  # W_ih 64x1, W_hh 64x16; head excluded
+    assert bench.weight_flops(model) == 2 * (64 * 1 + 64 * 16)
+
+
+def test_bench_variants_are_lstm_manual_without_kernel_and_without_backward() -> None:
+    from parity_lab.models.manual import ManualRecurrent
+
+    assert bench.AutogradLSTM.step_backward is ManualRecurrent.step_backward
+    assert bench.PyTorchLSTM(1, 2).native_layer(None, None, None, ()) is None
+    for name in bench.VARIANTS:
+        assert name in bench.DEFAULT_MODELS
 
 
 @pytest.mark.parametrize("model", ["lstm_manual", "gru"])

@@ -1,6 +1,22 @@
-"""Recurrent parity classifiers: torch's built-in RNNs and hand-written twins with equal weights."""
+"""Parity classifiers: torch's built-in RNNs, hand-written twins with equal weights, and the
+state-tracking families (linear RNNs, DeltaNet, xLSTM cells, a Transformer)."""
 
 from parity_lab.models.classifier import ParityRNN
+from parity_lab.models.deltanet import DeltaNet
+from parity_lab.models.linear_rnn import LinearRNN
 from parity_lab.models.manual import ManualGRU, ManualLSTM, ManualRNN
+from parity_lab.models.mlstm import MLSTM
+from parity_lab.models.slstm import SLSTM
+from parity_lab.models.transformer import CausalTransformer
 
-__all__ = ["ManualGRU", "ManualLSTM", "ManualRNN", "ParityRNN"]
+__all__ = [
+    "MLSTM",
+    "SLSTM",
+    "CausalTransformer",
+    "DeltaNet",
+    "LinearRNN",
+    "ManualGRU",
+    "ManualLSTM",
+    "ManualRNN",
+    "ParityRNN",
+]

@@ -24,6 +24,9 @@ class ParityRNN(nn.Module):
     ``compile`` (a ``torch.compile`` mode, or None for eager) compiles the training forward, whose
     shapes are static (every batch is padded to ``data.max_len``): ``reduce-overhead`` replays it
     as CUDA graphs on a GPU. Evaluation, with its many lengths, stays eager.
+
+    Any further keyword (a model yaml's own keys, such as ``eigenvalues`` of ``linear_rnn``) is
+    passed on to the core.
     """
 
     def __init__(
@@ -34,17 +37,23 @@ class ParityRNN(nn.Module):
         num_layers: int = 1,
         readout: str = "last",
         compile: str | None = None,
+        **core_options: Any,
     ) -> None:
         super().__init__()
         if readout not in READOUTS:
             raise ValueError(f"model.readout={readout!r}: allowed values are {list(READOUTS)}")
         self.readout = readout
-        self.rnn = rnn(input_size, hidden_size, num_layers, batch_first=True)
+        self.rnn = rnn(input_size, hidden_size, num_layers, batch_first=True, **core_options)
         self.head = nn.Linear(hidden_size, 1)
         self.compile_mode = compile
         self._compiled_run = (
             torch.compile(self.run, mode=compile, dynamic=False) if compile else None
         )
+
+    @property
+    def max_len(self) -> int | None:
+        """The longest string the core reads (a Transformer's ``max_len``); None: any length."""
+        return getattr(self.rnn, "max_len", None)
 
     def run(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits for a chunk of time steps, starting from (and returning) the recurrent state."""

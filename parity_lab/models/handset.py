@@ -1,6 +1,6 @@
 """Parity networks by construction: weights derived by hand, exact on strings of any length.
 
-All three are ordinary ``ParityRNN`` instances around torch's own cores (bit encoding, input 1),
+All are ordinary ``ParityRNN`` instances around the project's cores (bit encoding, input 1),
 so they run, save and load like trained models. Each keeps its state in a finite set of values
 that float32 reproduces exactly (saturated gates are exactly 0 or 1), so no error accumulates:
 the state after a million bits is bit-for-bit one of the states after one bit.
@@ -24,6 +24,25 @@ with ``s_i = (h_i + 1) / 2`` in ``{0, 1}`` and ``p = s_1 - s_2`` the previous pa
 ``s_1 = [p + x > 1/2]`` (OR) and ``s_2 = [p + x > 3/2]`` (AND), so the new ``s_1 - s_2`` is the
 new parity, a linear function of the state, which the next step and the head read. The zero start
 state gives ``p = 0``.
+
+``handset_linear_rnn`` (1 unit), a ``LinearRNN`` with signed eigenvalues (Grazzi et al., 2025):
+the transition is ``a = 1`` on a 0 and ``a = -1`` on a 1, with ``b = x``, so ``h -> h`` on a 0
+and ``h -> 1 - h`` on a 1: ``h`` is the parity itself, 0 or 1. Mamba's parametrisation
+``a = 2 exp(-softplus(dt)) - 1`` reaches both ends exactly in float32 with ``dt = +-K``:
+``softplus(-K) = log1p(exp(-K))`` and ``exp(-K)`` both round to 0. Every composed map of the scan
+is ``h -> h`` or ``h -> 1 - h``, so the scan is exact too. The gate is a constant
+``silu(K) = K``; the head thresholds ``K h`` at ``K / 2``.
+
+No ``linear_rnn`` with ``eigenvalues: positive`` (one layer, any width ``H``) is exact. On the
+strings ``1^n`` every step has the same transition, ``a_i`` in [0, 1] and ``b_i`` per unit, so
+unit ``i`` holds ``b_i (1 - a_i^n) / (1 - a_i)`` (``b_i n`` if ``a_i = 1``). The logit is affine
+in the state with coefficients fixed by the last bit (here 1), so as a function of ``n`` it is
+``c + sum_i d_i a_i^n`` (a term ``e n`` for a unit with ``a_i = 1``): at most ``H + 1`` terms.
+Such a sum has at most ``H`` real zeros (the rule of signs for exponential sums, Polya & Szego,
+"Problems and Theorems in Analysis II", part V), so its sign changes at most ``H`` times along
+``n = 1, 2, ...``, while the parity of ``1^n`` changes at every ``n``: it is wrong on some
+``1^n`` with ``n <= H + 2``. For one unit the logit is monotone in ``n``, so it cannot be right
+on all of ``1``, ``11`` and ``111``.
 """
 
 from __future__ import annotations
@@ -34,6 +53,7 @@ import torch
 from torch import nn
 
 from parity_lab.models.classifier import ParityRNN
+from parity_lab.models.linear_rnn import LinearRNN
 
 GAIN = 120.0  # float32 sigmoid(-120) is exactly 0 and sigmoid(120) exactly 1: gates are exact
 
@@ -95,6 +115,25 @@ def handset_rnn() -> ParityRNN:
             "rnn.bias_hh_l0": [0.0, 0.0],
             # logit = k (p - 1/2)
             "head.weight": [[k / 2, -k / 2]],
+            "head.bias": [-k / 2],
+        },
+    )
+
+
+def handset_linear_rnn() -> ParityRNN:
+    """A 1-unit signed ``LinearRNN`` computing parity exactly (construction in the module doc)."""
+    k = GAIN
+    model = ParityRNN(LinearRNN, input_size=1, hidden_size=1, eigenvalues="signed")
+    # in_proj rows: dt = 2k x - k (a = 1 on a 0, -1 on a 1), b = x, gate = k (silu(k) = k).
+    return _load(
+        model,
+        {
+            "rnn.layers.0.in_proj.weight": [[2 * k], [1.0], [0.0]],
+            "rnn.layers.0.in_proj.bias": [-k, 0.0, k],
+            "rnn.layers.0.A_log": [0.0],
+            "rnn.layers.0.out_proj.weight": [[1.0]],
+            "rnn.layers.0.out_proj.bias": [0.0],
+            "head.weight": [[1.0]],
             "head.bias": [-k / 2],
         },
     )

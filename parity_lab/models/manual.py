@@ -13,17 +13,26 @@ per-operation overhead, and this replaces ~40 autograd nodes per time step by no
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import warnings
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from parity_lab.models import native
 
 # Derivatives through an activation, from its output, each one fused kernel:
 # sigmoid_grad(grad, s) = grad * s * (1 - s), tanh_grad(grad, t) = grad * (1 - t * t).
 sigmoid_grad = torch.ops.aten.sigmoid_backward
 tanh_grad = torch.ops.aten.tanh_backward
 
+INFERENCE_BLOCK = 64  # time steps per block without gradients (bench: the fastest of 16..4096)
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # per layer, as torch names them
 State = tuple[torch.Tensor, ...]  # one layer's recurrent state: (h,) or, for the LSTM, (h, c)
 Saved = tuple[torch.Tensor, ...]  # what one step records for its backward
 
@@ -59,10 +68,7 @@ class ManualRecurrent(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
 
     def layer_weights(self, layer: int) -> tuple[torch.Tensor, ...]:
-        return tuple(
-            getattr(self, f"{name}_l{layer}")
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        )
+        return tuple(getattr(self, f"{name}_l{layer}") for name in WEIGHT_NAMES)
 
     def step(
         self,
@@ -90,6 +96,15 @@ class ManualRecurrent(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        if not torch.is_grad_enabled() and x.shape[1] > INFERENCE_BLOCK:
+            # Long inference (evaluation at a million bits) in blocks of time with the state
+            # carried: a block's input projection stays in cache instead of streaming through
+            # memory (4096 steps x 512 strings of an LSTM's gates are 0.5 GB).
+            outputs = []
+            for block in x.split(INFERENCE_BLOCK, dim=1):
+                output, state = self(block, state)
+                outputs.append(output)
+            return torch.cat(outputs, dim=1), state
         batch = x.shape[0]
         if state is None:
             zeros = x.new_zeros(self.num_layers, batch, self.hidden_size)
@@ -97,11 +112,10 @@ class ManualRecurrent(nn.Module):
         elif self.state_size == 1:
             state = (state,)
         layer_states = list(zip(*(s.unbind(0) for s in state), strict=True))
-        # Under torch.compile the loop is traced as plain ops and the compiler derives the backward;
-        # a new cell that defines only ``step`` also gets autograd's backward.
+        # Under torch.compile the loop is traced as plain ops and the compiler derives the backward.
+        # A new cell that defines only ``step`` gets a backward derived from it once, by tracing.
         hand_written_backward = (
-            type(self).step_backward is not ManualRecurrent.step_backward
-            and torch.is_grad_enabled()
+            torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
             and any(p.requires_grad for p in self.parameters())
         )
@@ -109,15 +123,34 @@ class ManualRecurrent(nn.Module):
         for layer in range(self.num_layers):
             weight_ih, weight_hh, bias_ih, bias_hh = self.layer_weights(layer)
             x_proj = torch.nn.functional.linear(x, weight_ih, bias_ih)  # all steps at once
-            if hand_written_backward:
+            native = self.native_layer(x_proj, weight_hh, bias_hh, tuple(layer_states[layer]))
+            if native is not None:
+                x, layer_state = native
+            elif (
+                hand_written_backward
+                and type(self).step_backward is not ManualRecurrent.step_backward
+            ):
                 x, *layer_state = BackpropThroughTime.apply(
                     self, x_proj, weight_hh, bias_hh, *layer_states[layer]
+                )
+            elif hand_written_backward and (
+                derived := derive_backward(self, x_proj[0], weight_hh, bias_hh, layer_states[layer])
+            ):
+                x, *layer_state = DerivedBackpropThroughTime.apply(
+                    self, derived, x_proj, weight_hh, bias_hh, *layer_states[layer]
                 )
             else:
                 x, layer_state = self.unroll(x_proj, tuple(layer_states[layer]), weight_hh, bias_hh)
             layer_states[layer] = tuple(layer_state)
         stacked = tuple(torch.stack(s) for s in zip(*layer_states, strict=True))
         return x.transpose(0, 1), stacked[0] if self.state_size == 1 else stacked
+
+    def native_layer(
+        self, x_proj: torch.Tensor, weight_hh: torch.Tensor, bias_hh: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State] | None:
+        """One layer through a compiled whole-sequence kernel (``native.py``), or None where this
+        cell has none or it cannot run; then ``step`` runs, as always."""
+        return None
 
     def unroll(
         self,
@@ -184,6 +217,263 @@ class BackpropThroughTime(torch.autograd.Function):
         return (None, grad_x_all, grad_weight_hh, grad_bias_hh, *grad_state)
 
 
+@dataclasses.dataclass
+class DerivedStep:
+    """One step's forward and backward as plain aten graphs, traced from a cell's ``step``.
+
+    ``forward(x_proj, weight_hh, bias_hh, *state)`` returns the step's outputs, then the tensors its
+    backward needs; ``backward(*those, *output gradients)`` returns the gradients of
+    ``(x_proj, weight_hh, bias_hh, *state)``. The outputs are ``(h, *new_state)``, or just
+    ``new_state`` when the output h is ``new_state[0]`` (every cell here).
+
+    With ``deferred``, the weight gradients are left for one matmul over all steps, as in the
+    hand-written backward: instead of ``d weight_hh, d bias_hh`` the backward returns ``G, H, D``
+    with ``d weight_hh = G^T H`` and ``d bias_hh`` the sum of D's rows.
+
+    After ``COMPILE_AFTER`` time steps both graphs are compiled to C++ by inductor (once; see
+    ``compile_step``): ``steps`` counts them, ``compiled`` says the attempt was made.
+    """
+
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
+    num_outputs: int
+    output_is_state: bool
+    deferred: bool
+    steps: int = 0
+    compiled: bool = False
+
+
+# Time steps a derived step runs eagerly before its graphs are compiled to C++: compiling takes
+# seconds (cached on disk by inductor afterwards) and makes each step about 3x faster, so short
+# runs and tests never compile; PARITY_LAB_COMPILE_AFTER=0 compiles at once, -1 never.
+COMPILE_AFTER = int(os.environ.get("PARITY_LAB_COMPILE_AFTER", "200000"))
+
+# Per cell and input signature: tracing takes a fraction of a second, once.
+_derived: weakref.WeakKeyDictionary[ManualRecurrent, dict[tuple, DerivedStep | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def derive_backward(
+    cell: ManualRecurrent,
+    x_proj: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor,
+    state: State,
+) -> DerivedStep | None:
+    """``step``'s forward and backward graphs for these shapes (traced on first use), or None
+    (with a warning) where the step cannot be traced or reads parameters it is not passed."""
+    tensors = (x_proj, weight_hh, bias_hh, *state)
+    key = tuple((t.shape, t.dtype, t.device) for t in tensors)
+    cache = _derived.setdefault(cell, {})
+    if key not in cache:
+        own = {f"{name}_l{layer}" for layer in range(cell.num_layers) for name in WEIGHT_NAMES}
+        if {name for name, _ in cell.named_parameters()} != own:
+            # a parameter the step reads from ``self`` would be traced as a constant: no gradient
+            cache[key] = None
+            return None
+        try:
+            cache[key] = DerivedStep(*trace_step(cell, tensors))
+        except Exception as error:  # any Python the tracer cannot follow: autograd runs the step
+            warnings.warn(
+                f"{type(cell).__name__}: could not derive a backward from step ({error}); "
+                "autograd differentiates every step instead (slower, same gradients)",
+                stacklevel=2,
+            )
+            cache[key] = None
+    return cache[key]
+
+
+def trace_step(
+    cell: ManualRecurrent, tensors: tuple[torch.Tensor, ...], decompositions: dict | None = None
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule, int, bool, bool]:
+    """Trace ``step`` at these inputs (AOTAutograd, no compiler): ``DerivedStep``'s fields."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import default_partition
+
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    layout: dict[str, Any] = {}
+
+    def capture(name: str) -> Callable:
+        def compiler(graph: torch.fx.GraphModule, _: Any) -> Callable:
+            graphs[name] = without_detach(graph)
+            return make_boxed_func(graph)
+
+        return compiler
+
+    def one_step(x_proj, weight_hh, bias_hh, *state):  # noqa: ANN001, ANN202
+        h, new_state = cell.step(x_proj, tuple(state), weight_hh, bias_hh)
+        layout["output_is_state"] = h is new_state[0]
+        outputs = tuple(new_state) if layout["output_is_state"] else (h, *new_state)
+        layout["num_outputs"] = len(outputs)
+        return outputs
+
+    examples = [t.detach().clone().requires_grad_() for t in tensors]
+    traced = aot_function(
+        one_step,
+        capture("forward"),
+        capture("backward"),
+        partition_fn=default_partition,
+        decompositions=decompositions,
+    )
+    outputs = traced(*examples)
+    torch.autograd.grad(outputs, examples, [torch.ones_like(o) for o in outputs])
+    backward, deferred = defer_weight_gradients(graphs["backward"])
+    return graphs["forward"], backward, layout["num_outputs"], layout["output_is_state"], deferred
+
+
+def compile_step(
+    derived: DerivedStep, cell: ManualRecurrent, tensors: tuple[torch.Tensor, ...]
+) -> None:
+    """Replace ``derived``'s graphs by inductor's C++ for them (traced again, decomposed into the
+    operations inductor fuses); on any failure warn once and keep the eager graphs."""
+    derived.compiled = True
+    try:
+        from torch._inductor import config
+        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.decomposition import select_decomp_table
+
+        inputs = [t.detach() for t in tensors]
+        with torch.enable_grad():  # called from inside an autograd Function's forward
+            forward, backward, num_outputs, _, deferred = trace_step(
+                cell, tuple(inputs), select_decomp_table()
+            )
+        with config.patch(compile_threads=1):  # no pool of compiler processes for two graphs
+            forward = compile_fx_inner(forward, inputs)
+            outputs = forward(list(inputs))
+            tangents = [torch.zeros_like(o) for o in outputs[:num_outputs]]
+            backward = compile_fx_inner(backward, [*outputs[num_outputs:], *tangents])
+    except Exception as error:  # no C++ compiler, or a graph inductor cannot take
+        warnings.warn(
+            f"{type(cell).__name__}: could not compile its derived step ({error}); it stays "
+            "eager (slower, same results)",
+            stacklevel=2,
+        )
+        return
+    derived.forward = lambda *args: forward(list(args))
+    derived.backward = lambda *args: backward(list(args))
+    derived.deferred = deferred
+
+
+def without_detach(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop the graph's ``detach`` calls: no-ops here, where no autograd runs."""
+    for node in list(graph.graph.nodes):
+        if node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.recompile()
+    return graph
+
+
+def defer_weight_gradients(graph: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, bool]:
+    """Rewrite a step's backward to return the factors of its weight gradients, when they have
+    the usual form ``d weight_hh = G^T H`` and ``d bias_hh = sum of D's rows`` (weight_hh used as
+    ``h W^T``): summing the steps then takes one matmul instead of one per step."""
+    aten = torch.ops.aten
+
+    def transposes(node: Any) -> bool:
+        return isinstance(node, torch.fx.Node) and (
+            node.target is aten.t.default
+            or (node.target is aten.permute.default and list(node.args[1]) == [1, 0])
+        )
+
+    def untranspose(node: Any) -> tuple[Any, int]:
+        count = 0
+        while transposes(node):
+            node, count = node.args[0], count + 1
+        return node, count
+
+    output = next(n for n in graph.graph.nodes if n.op == "output")
+    grads = list(output.args[0])
+    product, outer = untranspose(grads[1])
+    bias = grads[2]
+    if isinstance(bias, torch.fx.Node) and bias.target in (aten.view.default, aten.squeeze.dim):
+        bias = bias.args[0]
+    if not (
+        outer % 2 == 0
+        and isinstance(product, torch.fx.Node)
+        and product.target is aten.mm.default
+        and untranspose(product.args[0])[1] == 1
+        and isinstance(bias, torch.fx.Node)
+        and bias.target is aten.sum.dim_IntList
+        and list(bias.args[1]) == [0]
+    ):
+        return graph, False
+    factors = (untranspose(product.args[0])[0], product.args[1], bias.args[0])
+    output.args = (tuple([grads[0], *factors, *grads[3:]]),)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+    return graph, True
+
+
+class DerivedBackpropThroughTime(torch.autograd.Function):
+    """One layer unrolled over time through a ``DerivedStep``: ``BackpropThroughTime`` for a
+    cell without ``step_backward``. Each step's graph replaces about as many autograd nodes as
+    the step has operations; the weight gradients are summed over steps."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        cell: ManualRecurrent,
+        derived: DerivedStep,
+        x_proj: torch.Tensor,
+        weight_hh: torch.Tensor,
+        bias_hh: torch.Tensor,
+        *state: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        derived.steps += x_proj.shape[0]
+        if not derived.compiled and 0 <= COMPILE_AFTER <= derived.steps:
+            compile_step(derived, cell, (x_proj[0], weight_hh, bias_hh, *state))
+        outputs, saved = [], []
+        for x_t in x_proj.unbind(0):
+            result = derived.forward(x_t, weight_hh, bias_hh, *state)
+            new, saved_t = result[: derived.num_outputs], result[derived.num_outputs :]
+            state = tuple(new) if derived.output_is_state else tuple(new[1:])
+            outputs.append(new[0])
+            saved.append(saved_t)
+        ctx.derived, ctx.steps = derived, saved
+        ctx.save_for_backward(weight_hh, bias_hh, *state)
+        return (torch.stack(outputs), *state)
+
+    @staticmethod
+    def backward(ctx: Any, grad_outputs: torch.Tensor | None, *grad_final: torch.Tensor | None):
+        derived: DerivedStep = ctx.derived
+        weight_hh, bias_hh, *final = ctx.saved_tensors
+        grad_state = [
+            torch.zeros_like(s) if g is None else g for s, g in zip(final, grad_final, strict=True)
+        ]
+        grad_weight_hh, grad_bias_hh = torch.zeros_like(weight_hh), torch.zeros_like(bias_hh)
+        grad_x_proj, factors = [], []
+        for t in reversed(range(len(ctx.steps))):
+            grad_h = None if grad_outputs is None else grad_outputs[t]
+            if derived.output_is_state:
+                first = grad_state[0] if grad_h is None else grad_state[0] + grad_h
+                tangents = [first, *grad_state[1:]]
+            else:
+                tangents = [torch.zeros_like(grad_state[0]) if grad_h is None else grad_h]
+                tangents += grad_state
+            grads = derived.backward(*ctx.steps[t], *tangents)
+            grad_x_proj.append(grads[0])
+            if derived.deferred:
+                factors.append(grads[1:4])
+                grad_state = grads[4:]
+            else:
+                grad_weight_hh += grads[1]
+                grad_bias_hh += grads[2]
+                grad_state = grads[3:]
+        grad_x_all = torch.stack(grad_x_proj[::-1])
+        if factors:
+            factors.reverse()
+            left, right, rows = (
+                # the factors are often d x_proj itself (the step adds W_hh h to x_proj)
+                grad_x_all.flatten(0, 1) if f[0] is grad_x_proj[-1] else torch.cat(f)
+                for f in zip(*factors, strict=True)
+            )
+            grad_weight_hh, grad_bias_hh = left.t().mm(right), rows.sum(0)
+        return (None, None, grad_x_all, grad_weight_hh, grad_bias_hh, *grad_state)
+
+
 class ManualRNN(ManualRecurrent):
     """Elman RNN: h = tanh(W_ih x + b_ih + W_hh h + b_hh)."""
 
@@ -230,6 +520,21 @@ class ManualLSTM(ManualRecurrent):
         cell = slice(2 * self.hidden_size, 3 * self.hidden_size)
         grad_pre[:, cell] = tanh_grad(grad_gates[:, cell], g)
         return grad_pre, grad_pre, (grad_pre.mm(weight_hh), grad_c * f)
+
+    def native_layer(self, x_proj, weight_hh, bias_hh, state):
+        # The kernel implements exactly these equations: a subclass that changes them runs them.
+        own = (
+            type(self).step is ManualLSTM.step
+            and type(self).step_backward is ManualLSTM.step_backward
+        )
+        if not own or not native.lstm_applies(x_proj, weight_hh, bias_hh, *state):
+            return None
+        tensors = (x_proj, weight_hh, bias_hh, *state)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            outputs, h, c = native.lstm_training(*tensors)
+        else:
+            outputs, h, c = native.lstm_inference(*tensors)
+        return outputs, (h, c)
 
 
 class ManualGRU(ManualRecurrent):

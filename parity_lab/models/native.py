@@ -1,0 +1,204 @@
+"""Whole-sequence C kernels for the hand-written cells, compiled on first use.
+
+``ManualLSTM`` runs its equations through ``kernels/lstm.c`` when it can: one call runs every
+time step of a layer, forward or backward, instead of about ten PyTorch operations per step (on a
+CPU, small recurrent models spend most of their time launching operations, not computing). The
+Python ``step`` and ``step_backward`` stay the reference: they run whenever the kernel cannot
+(float64, GPU, under ``torch.compile``, no C compiler) and the tests hold the two to each other.
+
+The kernel is compiled with the system C compiler (``$CC``, else ``cc``) into
+``$PARITY_LAB_CACHE`` (default ``~/.cache/parity_lab``), once per source, hidden size, compiler and
+CPU (a fixed hidden size keeps a row's gates in vector registers); a build takes under a second.
+``PARITY_LAB_NATIVE=0`` turns the kernels off. When no compiler works, the cells stay in PyTorch
+and one warning says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KERNELS = Path(__file__).resolve().parent / "kernels"
+# -ffast-math lets the compiler call a vectorised exp (glibc's libmvec); the kernels clamp exp's
+# argument, so no infinity arises. Without -march=native (not every compiler has it) the build is
+# retried portable.
+FLAGS = [["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"], ["-O3", "-ffast-math"]]
+
+
+def enabled() -> bool:
+    return os.environ.get("PARITY_LAB_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "parity_lab"
+    return Path(os.environ.get("PARITY_LAB_CACHE", default))
+
+
+def cpu_signature() -> str:
+    """The CPU's model and flags: a -march=native build is kept per CPU (shared home directories
+    on clusters mix machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep) or platform.machine()
+
+
+def build(name: str, hidden: int) -> Path:
+    """Compile ``kernels/<name>.c`` for one hidden size into the cache (or find it there)."""
+    source = KERNELS / f"{name}.c"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    errors = []
+    for flags in FLAGS:
+        flags = [*flags, f"-DHIDDEN={hidden}"]
+        key = hashlib.sha256(
+            "\0".join([source.read_text(), compiler, *flags, cpu_signature()]).encode()
+        ).hexdigest()[:16]
+        library = cache_dir() / f"{name}-h{hidden}-{key}.so"
+        if library.exists():
+            return library
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # build beside the target, then rename: parallel jobs never load a half-written library
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            built = Path(tmp) / library.name
+            command = [compiler, *flags, "-fPIC", "-shared", str(source), "-o", str(built), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(built, library)
+                return library
+            errors.append(f"{' '.join(command)}: {result.stderr.strip()[-300:]}")
+    raise RuntimeError("; ".join(errors))
+
+
+@functools.cache
+def load(name: str, hidden: int) -> ctypes.CDLL | None:
+    """The kernel library for one hidden size, or None (with a warning) when it cannot be built."""
+    if not enabled():
+        return None
+    try:
+        library = ctypes.CDLL(str(build(name, hidden)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(
+            f"parity_lab: could not build the C kernel {name}.c, the hand-written cells run in "
+            f"PyTorch (slower, same results): {error}",
+            stacklevel=2,
+        )
+        return None
+    size, address = ctypes.c_long, ctypes.c_void_p
+    library.lstm_forward.argtypes = [size, size, address, size, size] + [address] * 6
+    library.lstm_backward.argtypes = [size, size] + [address] * 5 + [size, size] + [address] * 3
+    library.lstm_forward.restype = library.lstm_backward.restype = None
+    return library
+
+
+def pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def lstm_applies(x_proj: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether the LSTM kernel can run these tensors (CPU float32, not being traced)."""
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x_proj, *tensors))
+        and not torch.compiler.is_compiling()
+        and load("lstm", x_proj.shape[-1] // 4) is not None
+    )
+
+
+def lstm_inference(
+    x_proj: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs (T,B,H) and final (h, c) of one layer from ``x_proj = W_ih x + b_ih`` (T,B,4H)."""
+    steps, batch, gates = x_proj.shape
+    hidden = gates // 4
+    h = x_proj.new_empty(steps + 1, batch, hidden)
+    c = x_proj.new_empty(2, batch, hidden)
+    h[0], c[0] = h0, c0
+    # the C call reads raw addresses: every tensor it reads must stay referenced until it returns
+    weight_hh_t, bias_hh = weight_hh.t().contiguous(), bias_hh.contiguous()
+    x_proj = x_proj if x_proj.stride(-1) == 1 else x_proj.contiguous()
+    load("lstm", hidden).lstm_forward(
+        steps, batch, pointer(x_proj), x_proj.stride(0), x_proj.stride(1), pointer(bias_hh),
+        pointer(weight_hh_t), pointer(h), pointer(c), None, None,
+    )  # fmt: skip
+    return h[1:], h[steps].clone(), c[steps % 2].clone()
+
+
+def lstm_training(
+    x_proj: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lstm_inference`` with gradients: the kernel's backward runs in autograd's."""
+    return FusedLSTM.apply(x_proj, weight_hh, bias_hh, h0, c0)
+
+
+class FusedLSTM(torch.autograd.Function):
+    """``apply(x_proj, weight_hh, bias_hh, h0, c0) -> (outputs, h_T, c_T)`` of one layer through
+    the C kernel, from ``x_proj = W_ih x + b_ih`` (T,B,4H)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_proj: torch.Tensor,
+        weight_hh: torch.Tensor,
+        bias_hh: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        steps, batch, gates = x_proj.shape
+        hidden = gates // 4
+        h = x_proj.new_empty(steps + 1, batch, hidden)
+        c = x_proj.new_empty(steps + 1, batch, hidden)
+        act = x_proj.new_empty(steps, batch, gates)
+        tanh_c = x_proj.new_empty(steps, batch, hidden)
+        h[0], c[0] = h0, c0
+        weight_hh_t, bias_hh = weight_hh.t().contiguous(), bias_hh.contiguous()
+        x_proj = x_proj if x_proj.stride(-1) == 1 else x_proj.contiguous()
+        load("lstm", hidden).lstm_forward(
+            steps, batch, pointer(x_proj), x_proj.stride(0), x_proj.stride(1), pointer(bias_hh),
+            pointer(weight_hh_t), pointer(h), pointer(c), pointer(act), pointer(tanh_c),
+        )  # fmt: skip
+        ctx.save_for_backward(weight_hh, h, c, act, tanh_c)
+        return h[1:], h[steps].clone(), c[steps].clone()
+
+    @staticmethod
+    def backward(
+        ctx: Any,
+        grad_outputs: torch.Tensor | None,
+        grad_h: torch.Tensor | None,
+        grad_c: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        weight_hh, h, c, act, tanh_c = ctx.saved_tensors
+        steps, batch, hidden = tanh_c.shape
+        grad_h = torch.zeros_like(h[0]) if grad_h is None else grad_h.contiguous().clone()
+        grad_c = torch.zeros_like(c[0]) if grad_c is None else grad_c.contiguous().clone()
+        grad_pre = torch.empty_like(act)
+        if grad_outputs is not None and grad_outputs.stride(-1) != 1:
+            grad_outputs = grad_outputs.contiguous()
+        strides = (0, 0) if grad_outputs is None else grad_outputs.stride()[:2]
+        weight_hh = weight_hh.contiguous()
+        load("lstm", hidden).lstm_backward(
+            steps, batch, pointer(act), pointer(c), pointer(tanh_c), pointer(weight_hh),
+            pointer(grad_outputs), *strides, pointer(grad_h), pointer(grad_c), pointer(grad_pre),
+        )  # fmt: skip
+        flat = grad_pre.flatten(0, 1)
+        grad_weight_hh = flat.t().mm(h[:-1].flatten(0, 1))
+        return grad_pre, grad_weight_hh, flat.sum(0), grad_h, grad_c
