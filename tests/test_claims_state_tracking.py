@@ -1,14 +1,16 @@
 """Claims about the state-tracking families, each built so that a plausible silent bug fails it:
 the hand-set signed linear RNN is exact at any length (a closed reachable-state proof), a signed
 DeltaNet reaches an exact reflection and with it exact parity, the mLSTM's stabiliser keeps
-extreme gates finite, and every new core read in evaluation chunks with its state carried gives
-what one pass gives. ``tests/test_frontier_models.py`` holds the per-step definitions; this file
-does not repeat them."""
+extreme gates finite, every new core read in evaluation chunks with its state carried gives what
+one pass gives, and a length a model cannot read keeps a perfect run from counting as solved.
+``tests/test_frontier_models.py`` holds the per-step definitions; this file does not repeat
+them."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 from parity_lab.data import encode
 from parity_lab.models import MLSTM, SLSTM, CausalTransformer, DeltaNet, LinearRNN, ParityRNN
 from parity_lab.models.handset import GAIN, handset_linear_rnn
+from parity_lab.train import train
 
 # --- hand-set models: exact at any length, proved --------------------------------------------
 
@@ -149,3 +152,26 @@ def test_chunks_with_the_state_carried_equal_one_pass(name: str) -> None:
     ):
         torch.testing.assert_close(carried, direct, rtol=1e-9, atol=1e-9)
 
+
+# --- lengths a model cannot read never count as solved ---------------------------------------
+
+
+def test_a_perfect_run_with_a_skipped_length_is_not_solved(
+    make_config, tmp_path: Path, monkeypatch
+) -> None:
+    """The default LSTM, given a Transformer's limit (``max_len`` 40), solves its readable
+    lengths; length 60 is skipped and recorded, and the run is not solved, has no solved_step
+    and does not stop early."""
+    monkeypatch.setattr(ParityRNN, "max_len", property(lambda self: 40))
+    cfg = make_config(
+        "eval.lengths=[30,60]",
+        "eval.curve.max_len=100",
+        "eval.curve.num_strings=32",
+        "trainer.max_steps=600",
+        "seed=0",
+    )
+    metrics = train(cfg, run_dir=tmp_path)
+    assert metrics["val/acc"] == 1.0 and metrics["test/acc_len_30"] == 1.0, metrics
+    assert "test/acc_len_60" not in metrics and metrics["test/skipped_lengths"] == [60]
+    assert metrics["solved"] is False and metrics["solved_step"] is None
+    assert metrics["global_step"] == 600
