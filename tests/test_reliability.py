@@ -101,7 +101,7 @@ def test_finished_run_cannot_be_resumed(tmp_path: Path) -> None:
 
 CLI_BAD_VALUES = [
     (["model.hidden_size=2.5"], "config error: model.hidden_size=2.5"),
-    (["model=transformer"], "Could not find 'model/transformer'"),  # Hydra's own message
+    (["model=mamba"], "Could not find 'model/mamba'"),  # Hydra's own message
 ]
 
 
