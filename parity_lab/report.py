@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import itertools
+import signal
 import statistics
 import sys
 from collections.abc import Iterable
@@ -423,6 +424,23 @@ def write_report(sweep_dir: Path | str) -> str:
 
 class SweepSummary(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml): report when a multirun ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Where jobs run in other processes (joblib, submitit), SIGTERM to the sweep's own
+        process (a scheduler ending it) still leaves a summary, listing the jobs it cut short as
+        unfinished, and exits 143. With the basic launcher the jobs run here, and each run's own
+        SIGTERM handling ends the sweep with a summary (``parity_lab.__main__.run``)."""
+        if config.hydra.launcher._target_.endswith("BasicLauncher"):
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+
+        def summarise_and_exit(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+            write_report(sweep_dir)
+            print(f"sweep stopped by SIGTERM; summary: {sweep_dir / 'summary.md'}", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, summarise_and_exit)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -532,3 +532,28 @@ def test_a_slurm_requeued_job_continues_from_its_checkpoint(make_config, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming {run_dir} from {run_dir / 'checkpoints' / 'last.ckpt'}" in result.stdout
     assert without_timings(read_metrics(run_dir)) == without_timings(expected)
+
+
+def test_sigterm_to_a_joblib_sweep_leaves_a_summary_and_stops_its_jobs(tmp_path: Path) -> None:
+    """The sweep's own process gets SIGTERM while its jobs run in joblib's workers: it writes the
+    summary (jobs cut short are unfinished) and exits 143, and no job trains on, orphaned
+    (joblib ends its workers and their children)."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "parity_lab", "-m", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "seed=0,1",
+        *FAST, *RESUMABLE, "trainer.max_steps=100000",
+    ]  # fmt: skip
+    process = start_and_signal(command, lambda: bool(list(sweep.glob("*/checkpoints/*.ckpt"))))
+    stderr = process.stderr.read().decode()
+    assert process.returncode == 143, stderr[-3000:]
+    with (sweep / "summary.csv").open() as f:
+        assert {row["status"] for row in csv.DictReader(f)} <= {"unfinished", "missing"}
+    deadline = time.monotonic() + 60  # the jobs, told by SIGTERM, checkpoint and end
+    while file_times(sweep) != (time.sleep(3) or file_times(sweep)):
+        assert time.monotonic() < deadline, "a job of the stopped sweep still writes its files"
+
+
+def file_times(directory: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()}
