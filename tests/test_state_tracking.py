@@ -80,8 +80,9 @@ def test_state_tracking_is_the_published_protocol() -> None:
     assert (cfg.data.min_len, cfg.data.max_len, cfg.data.supervision) == (3, 40, "final")
     assert cfg.data.num_train is None and cfg.data.batch_size == 256
     assert min(cfg.eval.lengths) == 40 and max(cfg.eval.lengths) == 256
-    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.lr == 1e-3
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.lr == 1e-2
     assert cfg.scheduler.shape == "cosine" and cfg.scheduler.decay_steps == cfg.trainer.max_steps
+    assert cfg.scheduler.warmup_steps * 10 == cfg.trainer.max_steps  # published: 10% warm-up
     short = compose_config("experiment=state_tracking_1to40")
     assert (short.data.min_len, short.data.max_len) == (1, 40)
     assert short.eval.lengths == cfg.eval.lengths
@@ -107,7 +108,7 @@ def test_run_reports_scaled_accuracy_in_metrics_and_summary(make_config, tmp_pat
     mean = (metrics["test/scaled_acc_len_40"] + metrics["test/scaled_acc_len_64"]) / 2
     assert metrics["test/scaled_acc_mean"] == pytest.approx(mean)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-    printed = summary(cfg, metrics, tmp_path)
+    printed = summary(cfg, metrics, tmp_path, num_parameters=1)
     assert f"mean: {mean:.3f}" in printed and "scaled" in printed
 
 
