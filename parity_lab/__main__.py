@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 import sys
 import traceback
 import warnings
@@ -57,7 +58,7 @@ def resume_in_place(argv: list[str]) -> list[str]:
     resumes = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("resume=")]
     if not resumes or resumes[-1] == "null" or {"-m", "--multirun"} & set(argv):
         return argv
-    run_dir = resumes[-1]
+    run_dir = unquoted(resumes[-1])
     resumable_run(run_dir)
     others = [
         arg
@@ -69,7 +70,27 @@ def resume_in_place(argv: list[str]) -> list[str]:
             f"resume={run_dir!r} continues the run with its own config "
             f"({run_dir}/.hydra/config.yaml): drop the overrides {others}"
         )
-    return [*argv, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    path = hydra_value(run_dir)
+    kept = [arg for arg in argv if not arg.startswith("resume=")]
+    return [*kept, f"resume={path}", f"hydra.run.dir={path}", "hydra.output_subdir=null"]
+
+
+def unquoted(value: str) -> str:
+    """A ``resume=`` value as typed: taken literally, or read by Hydra's grammar if quoted."""
+    if value[:1] not in ("'", '"'):
+        return value
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return str(OverridesParser.create().parse_override(f"resume={value}").value())
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as one value of Hydra's override grammar: quoted when it holds characters the
+    grammar reads otherwise, such as the ``=`` and ``,`` of a sweep job's directory name."""
+    if re.fullmatch(r"[A-Za-z0-9_./+-]*", text):
+        return text
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch import nn
 
-from parity_lab.__main__ import resume_in_place
+from parity_lab.__main__ import hydra_value, resume_in_place
 from parity_lab.config import ConfigError, resume_config, validate
 from parity_lab.module import NonFiniteLossError
 from parity_lab.train import train
@@ -134,6 +135,32 @@ def test_resume_refuses_other_overrides(tmp_path: Path) -> None:
     assert resume_in_place(argv) == [*argv, f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"]
     with pytest.raises(ConfigError, match=r"drop the overrides \['trainer.max_steps=9'\]"):
         resume_in_place([*argv, "trainer.max_steps=9"])
+
+
+@pytest.mark.parametrize(
+    "name", ["0_model=gru,seed=1", "12-00-00.5_lr=[0.01]", "it's", "x y", "ends\\"]
+)
+@pytest.mark.parametrize("typed", ["plain", "quoted"])
+def test_resume_takes_a_sweep_job_directory(name: str, typed: str, tmp_path: Path) -> None:
+    """Job and run directory names hold ``=`` and ``,``, which Hydra's grammar reads otherwise."""
+    run_dir = tmp_path / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    value = str(run_dir) if typed == "plain" else hydra_value(str(run_dir))
+    argv = resume_in_place(["parity_lab", f"resume={value}"])
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv[1:])}
+    assert parsed["resume"] == parsed["hydra.run.dir"] == str(run_dir)
+
+
+def test_killed_sweep_job_resumes_in_its_directory(make_config, tmp_path: Path) -> None:
+    job = tmp_path / "0_model=gru,seed=1"
+    (job / ".hydra").mkdir(parents=True)
+    cfg = make_config("model=gru", "seed=1", "trainer.max_steps=20")
+    (job / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    result = python_m("parity_lab", f"resume={job}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(job)["global_step"] == 20
+    assert [path.name for path in tmp_path.iterdir()] == [job.name]
 
 
 # 2. Non-finite loss and gradient clipping -------------------------------------------------------
