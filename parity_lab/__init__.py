@@ -11,6 +11,8 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotu
 SCHEDULES = ("none", "linear", "warmup")  # data.curriculum.schedule (see data.Curriculum)
 # model.eigenvalues of linear_rnn / deltanet: transition values in [0, 1] or in [-1, 1]
 EIGENVALUES = ("positive", "signed")
+# model.positional of the transformer: how a position is coded (``none``: causal mask only)
+POSITIONAL = ("sinusoidal", "learned", "none")
 
 
 def _input_size(encoding: str) -> int:

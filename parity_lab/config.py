@@ -10,7 +10,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab import COMPILE_MODES, EIGENVALUES, ENCODING_SIZES, READOUTS, SCHEDULES
+from parity_lab import (
+    COMPILE_MODES,
+    EIGENVALUES,
+    ENCODING_SIZES,
+    POSITIONAL,
+    READOUTS,
+    SCHEDULES,
+)
 
 SUPERVISIONS = ("final", "every_step")
 
@@ -70,6 +77,15 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "model.eigenvalues", EIGENVALUES)
     if "max_len" in cfg.model:  # the Transformer: it cannot train on longer strings
         _int(cfg, "model.max_len", cfg.data.max_len)
+    if "positional" in cfg.model:
+        _choice(cfg, "model.positional", POSITIONAL)
+    if "num_heads" in cfg.model:
+        _int(cfg, "model.num_heads", 1)
+        if cfg.model.hidden_size % cfg.model.num_heads:
+            raise ConfigError(
+                f"model.num_heads={cfg.model.num_heads} is invalid: expected a divisor of "
+                f"model.hidden_size={cfg.model.hidden_size}"
+            )
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
     if cfg.data.min_len > cfg.data.max_len:

@@ -269,6 +269,23 @@ def test_transformer_rejects_bad_options() -> None:
         validate(compose_config("model=transformer", "model.max_len=10", "data.max_len=20"))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.positional=rotary", r"^model.positional='rotary' is invalid: allowed values"),
+        ("model.num_heads=3", r"^model.num_heads=3 is invalid: expected a divisor of .*=16$"),
+        ("model.num_heads=0", r"^model.num_heads=0 is invalid: expected an integer >= 1$"),
+    ],
+)
+def test_config_rejects_bad_transformer_options_before_training(
+    override: str, message: str
+) -> None:
+    """Checked by ``validate``, so the command line says one ``config error:`` line, not
+    Hydra's instantiation error."""
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config("model=transformer", override))
+
+
 def test_lengths_beyond_transformer_max_len_are_skipped_and_never_solved(
     make_config, tmp_path: Path, capsys
 ) -> None:
