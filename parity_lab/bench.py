@@ -465,12 +465,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=MODELS + list(VARIANTS),
         help="models to time",
     )
-    add("--batch", type=int, default=128, help="strings per training step")
-    add("--min-len", type=int, default=1)
-    add("--max-len", type=int, nargs="+", default=[20], help="one or more max_len to time")
-    add("--hidden", type=int, default=16, help="hidden size of every timed model")
+    add("--batch", type=positive, default=128, help="strings per training step")
+    add("--min-len", type=positive, default=1)
+    add("--max-len", type=positive, nargs="+", default=[20], help="one or more max_len to time")
+    add("--hidden", type=positive, default=16, help="hidden size of every timed model")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add("--threads", type=int, default=1, help="torch CPU threads")
+    add("--threads", type=positive, default=1, help="torch CPU threads")
     add("--compile", default=None, help="model.compile mode for the timed models (e.g. default)")
     add("--warmup", type=int, default=10, help="untimed steps before timing")
     add(
@@ -480,31 +480,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="time steps a cell without step_backward runs eagerly before its derived graphs are "
         "compiled (training runs: 200000; 0 here times the compiled steady state, -1 never)",
     )
-    add("--repeats", type=int, default=7, help="timed blocks; the median block is reported")
-    add("--steps", type=int, default=20, help="training steps per timed block")
-    add("--solve-seeds", type=int, default=5, help="seeds of the default run to time (0: skip)")
+    add("--repeats", type=positive, default=7, help="timed blocks; the median block is reported")
+    add("--steps", type=positive, default=20, help="training steps per timed block")
+    add(
+        "--solve-seeds",
+        type=int,
+        default=5,
+        help="time the default run with seeds 0..N-1 (0: skip)",
+    )
     add("--solve-overrides", nargs="*", default=[], help="overrides for the timed default runs")
-    add("--notebook-seeds", type=int, default=3, help="seeds of the notebook baseline (0: skip)")
-    add("--notebook-max-steps", type=int, default=20000)
-    add("--notebook-eval-every", type=int, default=100)
+    add(
+        "--notebook-seeds",
+        type=int,
+        default=3,
+        help="time the notebook baseline with seeds 0..N-1 (0: skip)",
+    )
+    add("--notebook-max-steps", type=positive, default=20000)
+    add("--notebook-eval-every", type=positive, default=100)
     add(
         "--breakdown",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="time data generation and evaluation within one default run",
     )
-    add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
-    add("--eval-strings", type=int, default=512)
-    add("--eval-chunk", type=int, nargs="+", default=[CHUNK_LEN], help="bits per chunk to time")
+    add("--eval-bits", type=positive, nargs="*", default=[], help="string lengths to evaluate")
+    add("--eval-strings", type=positive, default=512)
+    add(
+        "--eval-chunk", type=positive, nargs="+", default=[CHUNK_LEN], help="bits per chunk to time"
+    )
     add("--eval-model", nargs="+", default=["lstm"], choices=MODELS, help="models to evaluate")
     add(
         "--startup",
         action="store_true",
         help="only time whole processes (import torch, predict, a bad value, the default run)",
     )
-    add("--startup-repeats", type=int, default=5, help="rounds of the --startup commands")
+    add("--startup-repeats", type=positive, default=5, help="rounds of the --startup commands")
     add("--output", default="outputs/bench.json", help="where to write the JSON results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.min_len > min(args.max_len):
+        parser.error(f"--min-len {args.min_len} is longer than --max-len {min(args.max_len)}")
+    return args
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count, a length or a size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
