@@ -113,8 +113,9 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(stop, bool):
         raise ConfigError(f"eval.stop_when_solved={stop!r} is invalid: expected true or false")
     _int(cfg, "eval.curve.max_len", 1, optional=True)
-    for key in ("dense_until", "per_decade", "num_strings", "chunk_len"):
+    for key in ("dense_until", "per_decade", "num_strings"):
         _int(cfg, f"eval.curve.{key}", 1)
+    _int(cfg, "eval.curve.chunk_len", 1, optional=True)
     _int(cfg, "num_threads", 1)
     if cfg.resume is not None:
         resumable_run(str(cfg.resume))
