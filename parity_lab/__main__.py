@@ -2,7 +2,13 @@
 
 import logging
 import math
+import multiprocessing
+import os
+import re
+import shlex
+import signal
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -12,16 +18,56 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from parity_lab.config import ConfigError, resumable_run, resume_config
+from parity_lab.config import ConfigError, literal, resume_config
 from parity_lab.naming import directory_overrides
+from parity_lab.run_files import RunFileError, read_metrics, write_atomic
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    """One run, or one job of a sweep (see ``run``)."""
+    hydra_cfg = HydraConfig.get()
+    pooled = hydra_cfg.mode == RunMode.MULTIRUN and "Joblib" in hydra_cfg.launcher._target_
+    return run_in_child(cfg) if pooled and hasattr(os, "fork") else run(cfg)
+
+
+def run_in_child(cfg: DictConfig) -> float:
+    """A joblib job in a child of its worker: a job killed (say by the out-of-memory killer, whose
+    victim is the process holding the memory: the child) costs only itself. A killed worker
+    would break joblib's whole pool and stop the sweep before its summary."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # fork: the child inherits Hydra's state; the worker has not imported torch (run does).
+    child = multiprocessing.get_context("fork").Process(target=run, args=(cfg,))
+    child.start()
+    child.join()
+    if child.exitcode is not None and child.exitcode < 0:
+        killer = signal.Signals(-child.exitcode).name
+        print(
+            f"job {hydra_cfg.job.num} was killed by {killer} (out of memory?): it stays "
+            f"unfinished ({run_dir})",
+            file=sys.stderr,
+        )
+    try:
+        return float(read_metrics(run_dir / "metrics.json")["val/acc"])
+    except (RunFileError, FileNotFoundError):
+        return math.nan
+
+
+def requeued(run_dir: Path) -> bool:
+    """Whether this is SLURM's requeue of a job that stopped in ``run_dir`` (preempted, or at its
+    time limit: hydra/launcher=slurm requeues through submitit) and left a checkpoint there."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    return restarts.isdigit() and int(restarts) > 0 and checkpoint.is_file()
+
+
+def run(cfg: DictConfig) -> float:
     """One run; in a sweep a failed job records ``error.txt`` in its directory and the sweep goes
-    on, so one bad job never costs the others their results."""
+    on, so one bad job never costs the others their results. On SIGTERM (preemption) the run keeps
+    its checkpoint, prints the command that continues it and exits with 143, never 0."""
     from parity_lab.module import NonFiniteLossError  # heavy imports after Hydra parsed argv
-    from parity_lab.train import train
+    from parity_lab.train import Interrupted, train
 
     # Lightning 2.6 on torch >= 2.10 warns about its own use of a deprecated torch API.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -31,16 +77,32 @@ def main(cfg: DictConfig) -> float:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # On resume, the run's own directory: Hydra re-reads its runtime.output_dir as a config string.
+    run_dir = Path(cfg.resume if cfg.resume is not None else hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.resume is None and requeued(run_dir):
+        cfg.resume = literal(str(run_dir))  # its config: the one Hydra just composed again
     try:
         if cfg.resume is not None:
             cfg = resume_config(cfg.resume)
         return float(train(cfg, run_dir)["val/acc"])
+    except Interrupted as error:
+        job = f"job {hydra_cfg.job.num} " if in_sweep else ""
+        command = f"python -m parity_lab resume={shlex.quote(str(error.run_dir))}"
+        print(f"{job}{error}; to continue it:\n  {command}", file=sys.stderr)
+        if in_sweep and not hydra_cfg.launcher._target_.endswith("BasicLauncher"):
+            return math.nan  # in a launcher's worker: the sweep's own process reports
+        if in_sweep:  # this process is the sweep: summarise before leaving
+            from parity_lab.report import write_report
+
+            write_report(hydra_cfg.sweep.dir)
+        sys.exit(128 + signal.SIGTERM)  # 143, as if SIGTERM had ended the process
     except Exception as error:
         if isinstance(error, ConfigError) and not in_sweep:
             sys.exit(f"config error: {error}")
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        if isinstance(error, RunFileError) and not in_sweep:
+            sys.exit(str(error))
+        write_atomic(run_dir / "error.txt", traceback.format_exc())
         if in_sweep:
             print(f"job {hydra_cfg.job.num} failed: {error} ({run_dir})", file=sys.stderr)
             return math.nan
@@ -49,32 +111,87 @@ def main(cfg: DictConfig) -> float:
         raise
 
 
+RESUME = re.compile(r"\+{0,2}resume=(.*)", re.DOTALL)
+
+
+def hydra_quoted(text: str) -> str:
+    """``text`` as a quoted value of Hydra's override grammar that reads back as exactly ``text``,
+    whatever it holds (``=``, ``,``, spaces, brackets, quotes, ``${``, backslashes)."""
+    text = literal(text)  # ${ would be read as an interpolation even inside quotes
+    text = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)  # a quote and its backslashes
+    text = re.sub(r"(\\+)$", lambda m: m[1] * 2, text)  # backslashes before the closing quote
+    return f"'{text}'"
+
+
 def resume_in_place(argv: list[str]) -> list[str]:
     """For ``resume=RUN_DIR``, point Hydra at RUN_DIR itself and keep the run's own ``.hydra/``.
 
-    Checked before Hydra starts, since Hydra would create a missing run directory.
+    RUN_DIR is taken as typed (a sweep job's directory name holds ``=`` and ``,``), quoted for
+    Hydra's grammar. Checked before Hydra starts, since Hydra would create a missing directory.
     """
-    resumes = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("resume=")]
-    if not resumes or resumes[-1] == "null" or {"-m", "--multirun"} & set(argv):
+    resumes = [(i, m[1]) for i, arg in enumerate(argv) if i and (m := RESUME.fullmatch(arg))]
+    if not resumes or resumes[-1][1] == "null" or {"-m", "--multirun"} & set(argv):
         return argv
-    run_dir = resumes[-1]
-    resumable_run(run_dir)
+    run_dir = resumes[-1][1]
+    resume_config(run_dir)  # an unfinished run whose config builds only the project's classes
     others = [
         arg
-        for arg in argv[1:]
-        if "=" in arg and not arg.startswith(("-", "resume=", "hydra.", "hydra/"))
+        for i, arg in enumerate(argv[1:], 1)
+        if i not in dict(resumes) and not arg.startswith(("-", "hydra.", "hydra/"))
     ]
     if others:
         raise ConfigError(
             f"resume={run_dir!r} continues the run with its own config "
             f"({run_dir}/.hydra/config.yaml): drop the overrides {others}"
         )
-    return [*argv, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    flags = [arg for i, arg in enumerate(argv[1:], 1) if i not in dict(resumes)]
+    value = hydra_quoted(run_dir)
+    argv = [
+        argv[0],
+        *flags,
+        f"resume={value}",
+        f"hydra.run.dir={value}",
+        "hydra.output_subdir=null",
+    ]
+    if "${" in run_dir:  # Hydra stores the log's directory unescaped, then reads it as a config
+        log = hydra_quoted(str(Path(run_dir) / "__main__.log"))
+        argv.append(f"hydra.job_logging.handlers.file.filename={log}")
+    return argv
+
+
+OUTPUT_DIR = re.compile(r"\+{0,2}(hydra\.(?:run|sweep)\.dir)=(.*)", re.DOTALL)
+
+
+def check_output_dirs(argv: list[str]) -> None:
+    """``ConfigError`` when the directory a run or sweep would be written in cannot be written:
+    checked on its nearest existing ancestor before Hydra starts, since Hydra creates it first."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(argv) else "hydra.run.dir"
+    directory = "outputs"  # conf/config.yaml: outputs/runs/..., outputs/sweeps/...
+    for arg in argv[1:]:
+        if (match := OUTPUT_DIR.fullmatch(arg)) and match[1] == key:
+            try:
+                value = OverridesParser.create().parse_override(arg.lstrip("+")).value()
+            except Exception:
+                return  # Hydra reports a value it cannot parse
+            directory = str(value).split("${", 1)[0]  # the part fixed before any ${now:...}
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"{key}={directory!r} is invalid: {existing} cannot be written ({error.strerror})"
+        ) from None
 
 
 if __name__ == "__main__":
     try:
         sys.argv = directory_overrides(resume_in_place(sys.argv))
+        check_output_dirs(sys.argv)
     except ConfigError as error:
         sys.exit(f"config error: {error}")
     main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from parity_lab.data import encode, key_generator
 from parity_lab.evaluate import chunk_length
 from parity_lab.models import ParityRNN
 from parity_lab.predict import PredictError, load_run
+from parity_lab.run_files import CorruptResultError, atomic_path, read_metrics, write_atomic
 
 START = -1  # the automaton's start state: the zero state before any bit
 RUNS = [8, 16, 24, 32, 48, 64, 128, 1024]  # runs of zeros after which parity loss is probed
@@ -373,14 +375,14 @@ def print_zero_run_probes(model: ParityRNN, cfg: Any, strings: int, length: int)
 def run_status(run_dir: Path, network_accuracy: float) -> tuple[bool, str]:
     """Whether the run solved parity, and the first line that says so: from its ``metrics.json``,
     or, for an unfinished run, from the network's accuracy on the analysed strings."""
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
+    try:
+        metrics = read_metrics(run_dir / "metrics.json")
         solved = bool(metrics.get("solved"))
-        source = f"metrics.json: val/acc {metrics.get('val/acc', float('nan')):.3f}"
-    else:
+        source = f"metrics.json: val/acc {metrics['val/acc']:.3f}"
+    except CorruptResultError as error:  # absent (unfinished) or unreadable
         solved = network_accuracy == 1.0
-        source = "unfinished run, judged on the analysed strings"
+        unreadable = "" if not (run_dir / "metrics.json").exists() else f" ({error})"
+        source = f"unfinished run{unreadable}, judged on the analysed strings"
     verdict = "solved" if solved else "NOT solved"
     return solved, f"{run_dir}: {verdict} ({source}; right at {network_accuracy:.4f} of positions)"
 
@@ -401,16 +403,21 @@ def main(argv: list[str] | None = None) -> Analysis:
         model, cfg = load_run(args.run_dir)
     except PredictError as error:
         raise SystemExit(f"analyze: {error}") from None
+    out = args.run_dir / "analysis"
+    try:  # before the work: the results go into the run directory
+        out.mkdir(exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise SystemExit(f"analyze: {out} cannot be written ({error.strerror})") from None
     length = args.length or cfg.data.max_len
     result, states, bits = analyze(
         model, cfg.data.encoding, args.strings, length, args.max_clusters, cfg.seed
     )
-    out = args.run_dir / "analysis"
-    out.mkdir(exist_ok=True)
-    (out / "automaton.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    write_atomic(out / "automaton.json", json.dumps(asdict(result), indent=2) + "\n")
     title = f"{cfg.model.rnn._target_.rsplit('.', 1)[-1]} hidden {cfg.model.hidden_size}"
     figure = plot_trajectories(states, bits, title)
-    figure.savefig(out / "trajectories.png", dpi=120)
+    with atomic_path(out / "trajectories.png") as temporary:
+        figure.savefig(temporary, dpi=120)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(args.run_dir)) as writer:
@@ -442,7 +449,7 @@ def main(argv: list[str] | None = None) -> Analysis:
         centres = torch.stack([points[labels == c].mean(dim=0) for c in labels.unique()])
         lengths = [n for n in (10**e for e in range(1, 8)) if n < args.drift] + [args.drift]
         rows = drift(model, centres, lengths, cfg.data.encoding, args.strings, cfg.seed)
-        (out / "drift.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_atomic(out / "drift.json", json.dumps(rows, indent=2) + "\n")
         print("  streams: length, accuracy, smallest signed margin, largest distance to a centre")
         for row in rows:
             print(

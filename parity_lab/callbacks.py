@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class SolvedTracker(L.Callback):
@@ -47,7 +48,8 @@ class SolvedTracker(L.Callback):
 
 
 class LastCheckpoint(Checkpoint):
-    """Writes ``last.ckpt`` after every validation and when training ends, replacing it atomically.
+    """Writes ``last.ckpt`` after every validation, when training ends and on SIGTERM, replacing
+    it atomically.
 
     Lightning's ``ModelCheckpoint(save_top_k=0, save_last=True)`` writes only when training ends,
     so a killed run kept nothing. Saving after validation (Lightning runs checkpoint callbacks
@@ -64,6 +66,14 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning turns SIGTERM (preemption) into SIGTERMException at the end of a training
+        # step, when the state is whole: keep that step, as Lightning's OnExceptionCheckpoint does.
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self.save(trainer)
 
     def save(self, trainer: L.Trainer) -> None:
         partial = self.path.with_name(self.path.name + ".partial")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab import COMPILE_MODES, EIGENVALUES, ENCODING_SIZES, READOUTS, SCHEDULES
+from parity_lab.run_files import (
+    CorruptResultError,
+    UnsafeConfigError,
+    checked_config,
+    read_metrics,
+)
 
 SUPERVISIONS = ("final", "every_step")
 
@@ -20,36 +28,70 @@ class ConfigError(ValueError):
 
 
 def resumable_run(run_dir: str) -> Path:
-    """The run directory ``resume=`` names, if it holds an unfinished run; else ``ConfigError``."""
+    """The run directory ``resume=`` names, if it holds an unfinished run; else ``ConfigError``.
+
+    A ``metrics.json`` that cannot be read as one (a write cut short) leaves the run unfinished.
+    """
     path = Path(run_dir)
     if not (path / ".hydra" / "config.yaml").is_file():
         raise ConfigError(
             f"resume={run_dir!r} is invalid: expected a run directory holding .hydra/config.yaml"
         )
-    if (path / "metrics.json").is_file():
-        raise ConfigError(
-            f"resume={run_dir!r} is invalid: that run already finished (it has metrics.json)"
-        )
-    return path
+    try:
+        read_metrics(path / "metrics.json")
+    except (CorruptResultError, FileNotFoundError):
+        return path
+    raise ConfigError(
+        f"resume={run_dir!r} is invalid: that run already finished (it has metrics.json)"
+    )
 
 
 def resume_config(run_dir: str) -> DictConfig:
-    """The config an unfinished run was started with, set to resume it in its own directory."""
-    cfg = OmegaConf.load(resumable_run(run_dir) / ".hydra" / "config.yaml")
-    cfg.resume = run_dir
+    """The config an unfinished run was started with, set to resume it in its own directory.
+
+    It builds nothing but the project's own classes: any other ``_target_`` is refused.
+    """
+    config_path = resumable_run(run_dir) / ".hydra" / "config.yaml"
+    try:
+        cfg = OmegaConf.load(config_path)
+        checked_config(cfg, config_path)
+    except UnsafeConfigError as error:
+        raise ConfigError(str(error)) from None
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(f"{config_path}: not a run config ({reason})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{config_path}: not a run config (expected a mapping)")
+    cfg.resume = literal(run_dir)
     return cfg
+
+
+def literal(text: str) -> str:
+    """``text`` as an OmegaConf string value that reads back as ``text``: ``${`` escaped, so a
+    directory name holding one is not taken for an interpolation."""
+    return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", text)
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=True)
 
 
-def _int(cfg: DictConfig, key: str, minimum: int, optional: bool = False) -> None:
+def _int(
+    cfg: DictConfig, key: str, minimum: int, optional: bool = False, maximum: int | None = None
+) -> None:
     value = _value(cfg, key)
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        allowed = (
+            f"an integer >= {minimum}" if maximum is None else f"an integer in {minimum}..{maximum}"
+        )
+        allowed += " or null" if optional else ""
         raise ConfigError(f"{key}={value!r} is invalid: expected {allowed}")
 
 
@@ -61,7 +103,7 @@ def _choice(cfg: DictConfig, key: str, allowed: Iterable[str]) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first config value that cannot work."""
-    _int(cfg, "seed", 0)
+    _int(cfg, "seed", 0, maximum=2**32 - 1)  # numpy's seed range, which Lightning seeds too
     _int(cfg, "model.hidden_size", 1)
     _int(cfg, "model.num_layers", 1)
     _choice(cfg, "model.readout", READOUTS)
@@ -84,11 +126,23 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "data.curriculum.schedule", SCHEDULES)
     _int(cfg, "data.curriculum.start_len", 1)
     _int(cfg, "data.curriculum.steps", 1)
+    start_len = cfg.data.curriculum.start_len
+    if cfg.data.curriculum.schedule != "none" and start_len > cfg.data.max_len:
+        raise ConfigError(
+            f"data.curriculum.start_len={start_len} > data.max_len={cfg.data.max_len}: "
+            "a curriculum starts at or below the longest training length, so start_len must be "
+            "<= max_len"
+        )
     if cfg.data.curriculum.schedule != "none" and cfg.data.num_train is not None:
         raise ConfigError(
             f"data.curriculum.schedule={cfg.data.curriculum.schedule!r} needs fresh strings: "
             f"set data.num_train=null (it is {cfg.data.num_train})"
         )
+    momentum = OmegaConf.select(cfg, "optimizer.momentum")  # SGD's; Adam has none
+    if momentum is not None and (
+        isinstance(momentum, bool) or not isinstance(momentum, int | float) or not momentum >= 0
+    ):
+        raise ConfigError(f"optimizer.momentum={momentum!r} is invalid: expected a number >= 0")
     lr = _value(cfg, "optimizer.lr")
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
         raise ConfigError(f"optimizer.lr={lr!r} is invalid: expected a finite number > 0")
@@ -99,8 +153,19 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.gradient_clip_val={clip!r} is invalid: expected a finite number > 0 or null"
         )
-    _int(cfg, "trainer.max_steps", -1)  # -1: no step limit (then max_epochs ends the run)
+    max_steps = _value(cfg, "trainer.max_steps")  # -1: no step limit (max_epochs ends the run)
+    if (
+        isinstance(max_steps, bool)
+        or not isinstance(max_steps, int)
+        or max_steps == 0
+        or max_steps < -1
+    ):
+        raise ConfigError(
+            f"trainer.max_steps={max_steps!r} is invalid: expected an integer >= 1, or -1 for no "
+            "step limit"
+        )
     _int(cfg, "trainer.max_epochs", -1, optional=True)
+    _int(cfg, "trainer.log_every_n_steps", 1)
     _int(cfg, "trainer.val_check_interval", 1)  # in training steps
     lengths = _value(cfg, "eval.lengths")
     if not OmegaConf.is_list(lengths) or not all(
@@ -112,13 +177,63 @@ def validate(cfg: DictConfig) -> None:
     stop = _value(cfg, "eval.stop_when_solved")
     if not isinstance(stop, bool):
         raise ConfigError(f"eval.stop_when_solved={stop!r} is invalid: expected true or false")
+    endless = cfg.data.num_train is None or cfg.trainer.max_epochs == -1
+    if cfg.trainer.max_steps == -1 and not stop and endless:
+        raise ConfigError(
+            "trainer.max_steps=-1 is invalid here: with eval.stop_when_solved=false and "
+            + ("fresh strings (data.num_train=null)" if cfg.data.num_train is None else "")
+            + ("" if cfg.data.num_train is None else "trainer.max_epochs=-1")
+            + " the run never ends; expected a step limit (trainer.max_steps >= 1)"
+        )
     _int(cfg, "eval.curve.max_len", 1, optional=True)
     for key in ("dense_until", "per_decade", "num_strings"):
         _int(cfg, f"eval.curve.{key}", 1)
     _int(cfg, "eval.curve.chunk_len", 1, optional=True)
     _int(cfg, "num_threads", 1)
+    check_memory(cfg)
     if cfg.resume is not None:
         resumable_run(str(cfg.resume))
+
+
+# Gates of the dense recurrent cores (torch's and their Manual* twins): each gate has an input and a
+# recurrent weight matrix. Any other core is estimated by a lower bound (its head's weights only).
+GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+
+
+def physical_memory() -> int:
+    """Bytes of memory on this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: DictConfig) -> None:
+    """``ConfigError`` when training the model or holding the evaluation sets needs more memory
+    than this machine has: an estimate from the sizes alone, before any tensor exists."""
+    hidden, layers = cfg.model.hidden_size, cfg.model.num_layers
+    core = str(OmegaConf.select(cfg, "model.rnn._target_", default="") or "")
+    dense_gates = GATES.get(core.rsplit(".", 1)[-1].removeprefix("Manual"))
+    gates = dense_gates or 1
+    inputs = ENCODING_SIZES[cfg.data.encoding]
+    weights = gates * hidden * (inputs + hidden + 2) * layers if dense_gates else hidden
+    # fp32 weights, gradients and two Adam moments; one batch's activations kept for backward
+    training = 16 * weights + 4 * cfg.data.batch_size * cfg.data.max_len * hidden * gates * layers
+    # every evaluation set at once (bits, targets, inputs), and one batch's outputs of the core
+    lengths = list(cfg.eval.lengths)
+    evaluation = (
+        25 * cfg.eval.num_test * sum(lengths)
+        + 4 * min(cfg.eval.num_test, 1024) * max(lengths, default=0) * hidden * layers
+    )
+    available = physical_memory()
+    for key, value, needed, what in (
+        ("model.hidden_size", hidden, training, "training (weights, gradients, Adam state and "
+         "one batch's activations)"),
+        ("eval.lengths", lengths, evaluation, f"evaluating {cfg.eval.num_test} strings of each "
+         "length (eval.curve.max_len measures long strings in chunks)"),
+    ):  # fmt: skip
+        if needed > available:
+            raise ConfigError(
+                f"{key}={value} is invalid: {what} needs about {needed / 2**30:,.0f} GiB, more "
+                f"than the {available / 2**30:,.0f} GiB of memory here"
+            )
 
 
 class ValidateBeforeRun(Callback):

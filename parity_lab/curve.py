@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from parity_lab.evaluate import accuracy_by_length, curve_lengths, readable_lengths, skip_note
 from parity_lab.models import ParityRNN
+from parity_lab.run_files import atomic_path
 
 
 def exact_until(curve: dict[int, float]) -> int:
@@ -87,7 +88,8 @@ def length_curve(
     )
     unseen = [acc for n, acc in curve.items() if n > cfg.data.max_len]
     figure = plot_curve(curve, (cfg.data.min_len, cfg.data.max_len), options.num_strings)
-    figure.savefig(run_dir / "length_curve.png", dpi=200)  # sharp beyond TensorBoard
+    with atomic_path(run_dir / "length_curve.png") as temporary:
+        figure.savefig(temporary, dpi=200)  # sharp beyond TensorBoard
     writer.add_figure("val/length_curve", figure, global_step=step)
     for length, accuracy in curve.items():  # step = length, so runs overlay in Time Series
         writer.add_scalar("val/acc_by_length", accuracy, global_step=length)

@@ -3,14 +3,15 @@
 Prints one line per string, ``bits<TAB>parity<TAB>probability``: ``probability`` is the model's
 probability that the string's parity is 1, and ``parity`` is 1 exactly when it exceeds 0.5.
 Strings come from the command line, or from stdin (one per line) when none are given. The model
-is rebuilt from ``RUN_DIR/.hydra/config.yaml`` and its weights are read from
-``RUN_DIR/checkpoints/last.ckpt`` with ``torch.load(weights_only=True)``, which never runs code
-stored in the file.
+is rebuilt from ``RUN_DIR/.hydra/config.yaml``, only from the project's own model classes, and
+its weights are read from ``RUN_DIR/checkpoints/last.ckpt`` with ``torch.load(weights_only=True)``,
+which never runs code stored in the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from parity_lab.data import encode
 from parity_lab.evaluate import chunk_length
 from parity_lab.models import ParityRNN
+from parity_lab.run_files import UnsafeConfigError, checked_config, first_line
 
 BIT_STRING = re.compile("[01]+")
 
@@ -48,26 +50,43 @@ def check_readable(model: ParityRNN, strings: list[str]) -> None:
 
 
 def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
-    """The run's model with the weights of its last checkpoint, and the run's config."""
+    """The run's model with the weights of its last checkpoint, and the run's config.
+
+    The model is built only from the classes the project's ``conf/model/`` files name and plain
+    values: a run directory is data, and any other ``_target_`` in it is refused unbuilt.
+    """
     config_path = run_dir / ".hydra" / "config.yaml"
     checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
     if not config_path.is_file():
         raise PredictError(f"{config_path} not found: expected the directory of a run")
     if not checkpoint_path.is_file():
         raise PredictError(f"{checkpoint_path} not found: the run has not saved a checkpoint yet")
-    cfg = OmegaConf.load(config_path)
+    try:
+        cfg = OmegaConf.load(config_path)
+        model_cfg = checked_config(cfg.model, config_path, "model")
+    except UnsafeConfigError as error:
+        raise PredictError(str(error)) from None
+    except Exception as error:
+        raise PredictError(f"{config_path}: not a run config ({first_line(error)})") from None
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        state_dict = checkpoint["state_dict"]
     except Exception as error:  # the weights-only unpickler refuses anything but plain data
-        reason = str(error).strip().splitlines()[0]
-        raise PredictError(f"cannot load {checkpoint_path} as weights only: {reason}") from error
-    model: ParityRNN = instantiate(cfg.model)
-    weights = {
-        name.removeprefix("model."): tensor
-        for name, tensor in checkpoint["state_dict"].items()
-        if name.startswith("model.")
-    }
-    model.load_state_dict(weights)
+        raise PredictError(
+            f"cannot load {checkpoint_path} as weights only: {first_line(error)}"
+        ) from None
+    try:
+        model: ParityRNN = instantiate(model_cfg)
+        weights = {
+            name.removeprefix("model."): tensor
+            for name, tensor in state_dict.items()
+            if name.startswith("model.")
+        }
+        model.load_state_dict(weights)
+    except Exception as error:
+        raise PredictError(
+            f"{checkpoint_path} does not fit the model of {config_path}: {first_line(error)}"
+        ) from None
     return model.eval(), cfg
 
 
@@ -99,6 +118,19 @@ def parity_probabilities(
     return probabilities
 
 
+def stdin_strings() -> list[str]:
+    """The strings on stdin, one a line; blank lines are skipped."""
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise PredictError(
+            f"stdin is not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}): "
+            "expected bit strings, one a line"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m parity_lab.predict", description=__doc__.split("\n\n")[1]
@@ -106,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/...)")
     parser.add_argument("bits", nargs="*", help="bit strings; read from stdin when none given")
     args = parser.parse_args(argv)
-    strings = args.bits or [line.strip() for line in sys.stdin.read().splitlines()]
     try:
+        strings = args.bits or stdin_strings()
         check_bit_strings(strings)
         model, cfg = load_run(args.run_dir)
         check_readable(model, strings)
@@ -115,8 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"predict: {error}")
     torch.set_num_threads(cfg.num_threads)
     probabilities = parity_probabilities(model, strings, cfg.data.encoding)
-    for bits, probability in zip(strings, probabilities, strict=True):
-        print(f"{bits}\t{int(probability > 0.5)}\t{probability:.6f}")
+    try:
+        for bits, probability in zip(strings, probabilities, strict=True):
+            print(f"{bits}\t{int(probability > 0.5)}\t{probability:.6f}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (``| head -1``): stop quietly, as the docs of
+        # Python's signal module advise, so the exit-time flush does not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -3,16 +3,18 @@
 Writes ``summary.csv`` (one row per job), ``summary.md`` (jobs grouped by configuration, seeds
 aggregated) and ``summary.png`` into the sweep directory. Every job Hydra planned is listed: a job
 whose directory has ``metrics.json`` is ``ok``; one with ``error.txt`` instead is ``failed``; one
-with neither is ``unfinished`` (killed, still running, or crashed without a record); one planned in
-``multirun.yaml`` but without a directory is ``missing``. Kept light: no torch, no lightning.
+whose ``metrics.json`` or Hydra record cannot be read (empty, cut short, not numbers) is
+``corrupt``; one with neither is ``unfinished`` (killed, still running, or crashed without a
+record); one planned in ``multirun.yaml`` but without a directory is ``missing``. Kept light: no
+torch, no lightning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
-import json
 import statistics
 import sys
 from collections.abc import Iterable
@@ -24,7 +26,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-STATUSES = ("ok", "failed", "unfinished", "missing")
+from parity_lab.run_files import CorruptResultError, atomic_path, read_metrics, write_atomic
+
+STATUSES = ("ok", "failed", "corrupt", "unfinished", "missing")
 SEED_KEY = "seed"  # aggregated over, never part of a configuration
 
 
@@ -85,18 +89,24 @@ def planned_overrides(sweep_dir: Path) -> list[list[str]] | None:
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
         return None
-    hydra_cfg = OmegaConf.load(path).hydra
+    try:
+        hydra_cfg = OmegaConf.load(path).hydra
+    except Exception:
+        return None
     if not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
     params = hydra_cfg.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=False) if params else {}
-    return expand_sweep(params, hydra_cfg.overrides.task)
+    try:
+        return expand_sweep(params, hydra_cfg.overrides.task)
+    except Exception:  # glob() and the like need the config to expand: list found jobs only
+        return None
 
 
 def _job_num(job_dir: Path) -> int | None:
     """Hydra's ``hydra.job.num`` of a job dir, else the number its name starts with."""
     hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
-    if hydra_yaml.is_file():
+    with contextlib.suppress(Exception):  # unreadable: the directory name still tells
         num = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num")
         if isinstance(num, int):
             return num
@@ -111,10 +121,18 @@ def _last_line(path: Path) -> str:
 
 def found_job(job_dir: Path) -> Job:
     """A job from its directory: its overrides and, if it finished, its metrics."""
-    overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
-    job = Job(_job_num(job_dir), "unfinished", override_dict(overrides), dir=job_dir)
+    overrides_yaml = job_dir / ".hydra" / "overrides.yaml"
+    try:
+        overrides = override_dict(str(o) for o in OmegaConf.load(overrides_yaml))
+    except Exception as error:
+        reason = " ".join(str(error).split())[:120]
+        return Job(_job_num(job_dir), "corrupt", {}, job_dir, note=f"{overrides_yaml}: {reason}")
+    job = Job(_job_num(job_dir), "unfinished", overrides, dir=job_dir)
     if (job_dir / "metrics.json").is_file():
-        job.status, job.metrics = "ok", json.loads((job_dir / "metrics.json").read_text())
+        try:
+            job.status, job.metrics = "ok", read_metrics(job_dir / "metrics.json")
+        except CorruptResultError as error:
+            job.status, job.note = "corrupt", str(error)
     elif (job_dir / "error.txt").is_file():
         job.status, job.note = "failed", _last_line(job_dir / "error.txt")
     else:
@@ -164,7 +182,7 @@ def write_csv(jobs: list[Job], sweep_dir: Path) -> Path:
     override_keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
     metrics = metric_keys(jobs)
     path = sweep_dir / "summary.csv"
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["job", "status", "dir", *override_keys, *metrics, "note"])
         for job in jobs:
@@ -287,7 +305,11 @@ def summary_table(groups: list[Group]) -> str:
 def write_markdown(
     sweep_dir: Path, jobs: list[Job], groups: list[Group], fixed: dict[str, str], plot: str
 ) -> Path:
-    counts = ", ".join(f"{sum(j.status == s for j in jobs)} {s}" for s in STATUSES)
+    counts = ", ".join(
+        f"{n} {status}"
+        for status in STATUSES
+        if (n := sum(job.status == status for job in jobs)) or status == "ok"
+    )
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
@@ -306,7 +328,7 @@ def write_markdown(
         lines.append("")
     lines += [f"![summary]({plot})", ""]
     path = sweep_dir / "summary.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path
 
 
@@ -381,7 +403,8 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
     fig.suptitle(f"{sweep_dir.parent.name}/{sweep_dir.name}: mean ± std over seeds")
     fig.tight_layout()
     path = sweep_dir / "summary.png"
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=100)
     plt.close(fig)
     return path
 

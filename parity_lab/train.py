@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
@@ -19,6 +20,7 @@ from parity_lab.config import validate
 from parity_lab.curve import length_curve
 from parity_lab.evaluate import readable_lengths, skip_note
 from parity_lab.module import ParityModule, metric_name
+from parity_lab.run_files import RunFileError, first_line, write_atomic
 from parity_lab.tensorboard_log import RunLogger, log_run_record
 
 
@@ -67,6 +69,29 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_paramet
         f"  run dir   {run_dir}   (tensorboard --logdir {run_dir})\n"
         f"  checkpoint {run_dir / 'checkpoints' / 'last.ckpt'}\n"
     )
+
+
+class Interrupted(RuntimeError):
+    """The run received SIGTERM (a scheduler's preemption, ``kill``); its checkpoint is kept."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"stopped by SIGTERM at step {step}; the checkpoint of that step is kept")
+        self.run_dir = run_dir
+
+
+def check_checkpoint(path: Path, module: ParityModule) -> None:
+    """``RunFileError`` naming a checkpoint that is cut short, holds more than weights-only data,
+    or holds another model's weights (else Lightning fails mid-start with a long traceback)."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as error:
+        raise RunFileError(f"{path}: not a readable checkpoint ({first_line(error)})") from None
+    try:
+        module.load_state_dict(state_dict)
+    except Exception as error:
+        raise RunFileError(
+            f"{path}: its weights do not fit the model of the run's config ({first_line(error)})"
+        ) from None
 
 
 def train(
@@ -124,12 +149,16 @@ def train(
 
     start = time.perf_counter()
     resume_from = checkpoint.path if cfg.resume is not None and checkpoint.path.is_file() else None
+    if resume_from is not None:
+        check_checkpoint(resume_from, module)
     if cfg.resume is not None:
         print(f"resuming {run_dir} from {resume_from or 'step 0: it has no checkpoint yet'}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    train_seconds = time.perf_counter() - start
-
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    try:  # Lightning's own SIGTERM handling stops the loop at a step's end, as SIGTERMException
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        train_seconds = time.perf_counter() - start
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    except SIGTERMException:
+        raise Interrupted(run_dir, trainer.global_step) from None
     metrics: dict[str, Any] = {  # the module logs the test pass for metrics.json only
         name: trainer.callback_metrics[name].item()
         for name in (metric_name("test", set_name) for set_name in datamodule.eval_names)
@@ -151,6 +180,6 @@ def train(
     printed = summary(cfg, metrics, run_dir, num_parameters)
     log_run_record(writer, cfg, run_dir, printed, step)
     logger.close()
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(printed)
     return metrics

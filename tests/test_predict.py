@@ -86,9 +86,9 @@ def test_prints_bits_parity_and_probability_per_string(trained_run: Path) -> Non
     ("args", "stdin", "named"),
     [
         (["0110", "01a1"], None, "'01a1' is not a bit string"),
-        ([], "0110\n\n1\n", "'' is not a bit string"),
+        ([], "0110\n\n1 0\n", "'1 0' is not a bit string"),  # blank lines are skipped
     ],
-    ids=["argument", "blank-stdin-line"],
+    ids=["argument", "stdin-line"],
 )
 def test_a_string_that_is_not_bits_is_named_before_any_output(
     trained_run: Path, args: list[str], stdin: str | None, named: str

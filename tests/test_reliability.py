@@ -3,12 +3,15 @@ reproducible runs, and runs and sweep jobs that never cost each other their resu
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch import nn
 
-from parity_lab.__main__ import resume_in_place
+from parity_lab.__main__ import hydra_quoted, resume_in_place
 from parity_lab.config import ConfigError, resume_config, validate
 from parity_lab.module import NonFiniteLossError
 from parity_lab.train import train
@@ -76,6 +79,25 @@ BAD_VALUES = [
     ("eval.stop_when_solved=maybe", "eval.stop_when_solved='maybe'"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1"),
     ("resume=/no/such/run", "resume='/no/such/run'"),
+    # values that used to pass these checks and fail (or hang) only once training ran
+    ("seed=4294967296", "seed=4294967296"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0"),
+    ("optimizer=sgd optimizer.momentum=-0.1", "optimizer.momentum=-0.1"),
+    ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("trainer.max_steps=-2", "trainer.max_steps=-2"),
+    (
+        "trainer.max_steps=-1 eval.stop_when_solved=false",
+        "trainer.max_steps=-1 is invalid here: with eval.stop_when_solved=false and fresh strings",
+    ),
+    (
+        "trainer.max_steps=-1 eval.stop_when_solved=false data.num_train=64 trainer.max_epochs=-1",
+        "trainer.max_steps=-1 is invalid here: with eval.stop_when_solved=false and "
+        "trainer.max_epochs=-1",
+    ),
+    (
+        "data.curriculum.schedule=linear data.curriculum.start_len=21",
+        "data.curriculum.start_len=21 > data.max_len=20",
+    ),
 ]
 
 
@@ -84,17 +106,43 @@ def test_bad_value_is_rejected_naming_key_value_and_rule(
     override: str, named: str, make_config
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        validate(make_config(override))
+        validate(make_config(*override.split()))
     message = str(caught.value)
     assert message.startswith(named), message
     assert "expected" in message or "allowed" in message or "must be" in message
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "model.hidden_size=100000",
+            "model.hidden_size=100000 is invalid: training (weights, gradients, Adam state and "
+            "one batch's activations) needs about 600 GiB, more than the 8 GiB of memory here",
+        ),
+        (
+            "eval.lengths=[50,100000000]",
+            "eval.lengths=[50, 100000000] is invalid: evaluating 64 strings of each length "
+            "(eval.curve.max_len measures long strings in chunks) needs about 530 GiB, more than "
+            "the 8 GiB of memory here",
+        ),
+    ],
+)
+def test_sizes_that_cannot_fit_in_memory_are_refused_naming_the_memory(
+    override: str, message: str, make_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("parity_lab.config.physical_memory", lambda: 8 * 2**30)
+    validate(make_config())  # the default sizes fit
+    with pytest.raises(ConfigError) as caught:
+        validate(make_config(override))
+    assert str(caught.value) == message
+
+
 def test_finished_run_cannot_be_resumed(tmp_path: Path) -> None:
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\n")
-    (tmp_path / "metrics.json").write_text("{}\n")
+    (tmp_path / "metrics.json").write_text('{"val/acc": 1.0, "solved": true}\n')
     with pytest.raises(ConfigError, match="already finished"):
         resume_config(str(tmp_path))
 
@@ -131,9 +179,16 @@ def test_resume_refuses_other_overrides(tmp_path: Path) -> None:
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\n")
     argv = ["parity_lab", f"resume={tmp_path}"]
-    assert resume_in_place(argv) == [*argv, f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"]
-    with pytest.raises(ConfigError, match=r"drop the overrides \['trainer.max_steps=9'\]"):
-        resume_in_place([*argv, "trainer.max_steps=9"])
+    quoted = f"'{tmp_path}'"
+    assert resume_in_place(argv) == [
+        "parity_lab",
+        f"resume={quoted}",
+        f"hydra.run.dir={quoted}",
+        "hydra.output_subdir=null",
+    ]
+    for resume in (f"resume={tmp_path}", f"+resume={tmp_path}", f"++resume={tmp_path}"):
+        with pytest.raises(ConfigError, match=r"drop the overrides \['trainer.max_steps=9'\]"):
+            resume_in_place(["parity_lab", resume, "trainer.max_steps=9"])
 
 
 # 2. Non-finite loss and gradient clipping -------------------------------------------------------
@@ -286,6 +341,62 @@ def test_resume_before_the_first_checkpoint_starts_over(make_config, tmp_path: P
     assert (fresh / "metrics.json").is_file()
 
 
+def start_and_signal(command: list[str], ready: Callable[[], bool]) -> subprocess.Popen:
+    """Start ``command`` and send it SIGTERM once ``ready()``; return it, ended."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    return process
+
+
+def test_sigterm_keeps_the_checkpoint_exits_143_and_prints_the_resume_command(
+    make_config, tmp_path: Path
+) -> None:
+    overrides = [*FAST, *RESUMABLE, "optimizer.lr=0.003", "trainer.max_steps=300"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped [1] $x"
+    expected = train(make_config(*overrides), run_dir=whole)
+
+    ckpt = stopped / "checkpoints" / "last.ckpt"
+    run_dir = f"hydra.run.dir={hydra_quoted(str(stopped))}"
+    command = [sys.executable, "-m", "parity_lab", *overrides, run_dir]
+    process = start_and_signal(command, lambda: ckpt.is_file() and checkpoint(stopped) is not None)
+    stderr = process.stderr.read().decode()
+    assert process.returncode == 143, stderr[-3000:]
+    step = checkpoint(stopped)["global_step"]
+    assert 20 <= step < 300 and step % 20 != 0  # written at SIGTERM, not at a validation
+    resume = f"python -m parity_lab resume={shlex.quote(str(stopped))}"
+    assert stderr.endswith(
+        f"stopped by SIGTERM at step {step}; the checkpoint of that step is kept; "
+        f"to continue it:\n  {resume}\n"
+    ), stderr[-3000:]
+    assert not (stopped / "metrics.json").exists() and not (stopped / "error.txt").exists()
+
+    result = subprocess.run(
+        [sys.executable, *shlex.split(resume)[1:]], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert without_timings(read_metrics(stopped)) == without_timings(expected)
+    assert_same_weights(checkpoint(stopped)["state_dict"], checkpoint(whole)["state_dict"])
+
+
+def test_sigterm_in_a_sweep_exits_143_with_a_summary(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "parity_lab", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1",
+        *FAST, *RESUMABLE, "trainer.max_steps=100000",
+    ]  # fmt: skip
+    process = start_and_signal(command, lambda: bool(list(sweep.glob("0_*/checkpoints/*.ckpt"))))
+    stderr = process.stderr.read().decode()
+    assert process.returncode == 143, stderr[-3000:]
+    assert "job 0 stopped by SIGTERM at step " in stderr
+    with (sweep / "summary.csv").open() as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["unfinished", "missing"]
+
+
 # 4. Reproducibility ----------------------------------------------------------------------------
 
 
@@ -346,3 +457,78 @@ def test_failed_sweep_job_leaves_the_other_jobs_results(tmp_path: Path) -> None:
     assert "job 0 failed: non-finite loss" in result.stderr
     assert read_metrics(trained)["global_step"] == 20
     assert not (trained / "error.txt").exists()
+
+
+# 7. The report summarises what it can read and lists the rest --------------------------------
+
+
+def test_report_lists_corrupt_results_and_summarises_the_rest(tmp_path: Path) -> None:
+    """Empty, cut-short, non-numeric metrics and an unreadable Hydra record each make their job
+    `corrupt` with a note; a glob() sweep, which needs the config to expand, does not crash it."""
+    from parity_lab.report import write_report
+
+    good = '{"val/acc": 1.0, "test/acc_len_30": 1.0, "solved": true, "solved_step": 40}'
+    jobs = {
+        "0_seed=0": (good, "metrics.json"),
+        "1_seed=1": ("", "is empty"),
+        "2_seed=2": ('{"val/acc": 0.9', "is not JSON"),
+        "3_seed=3": ('{"val/acc": "high"}', "val/acc='high': not a number"),
+        "4_seed=4": ('["val/acc"]', "not a metrics object"),
+        "5_seed=5": (good, "overrides.yaml"),
+    }
+    for name, (metrics, _) in jobs.items():
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(f"- seed={name[0]}\n")
+        (tmp_path / name / "metrics.json").write_text(metrics)
+    (tmp_path / "5_seed=5" / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+        "\n    params: null\n  overrides:\n    task: ['model=glob(*)', 'seed=range(6)']\n"
+    )
+    table = write_report(tmp_path)
+    with (tmp_path / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["status"] for row in rows] == ["ok"] + ["corrupt"] * 5
+    for row, (_, note) in zip(rows[1:], list(jobs.values())[1:], strict=True):
+        assert note in row["note"], row
+    assert "| all jobs | 1/6 | 1 | 1.00 | 1.000 | 1.000 | 40 | 5 corrupt |" in table
+    assert "6 jobs: 1 ok, 5 corrupt." in (tmp_path / "summary.md").read_text()
+
+
+def test_a_killed_joblib_job_costs_only_itself(tmp_path: Path) -> None:
+    """Job 1 is SIGKILLed (as by the out-of-memory killer): jobs 0 and 2 finish, the sweep
+    ends normally, and its summary lists job 1 as unfinished."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    losses = (
+        "torch.nn.BCEWithLogitsLoss,tests.self_killing.SelfKillingLoss,torch.nn.BCEWithLogitsLoss"
+    )
+    result = python_m(
+        "parity_lab", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        f"loss._target_={losses}", "trainer.max_steps=5", *FAST, f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "job 1 was killed by SIGKILL (out of memory?): it stays unfinished" in result.stderr
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["job"], row["status"]) for row in rows] == [
+        ("0", "ok"), ("1", "unfinished"), ("2", "ok"),
+    ]  # fmt: skip
+
+
+def test_a_slurm_requeued_job_continues_from_its_checkpoint(make_config, tmp_path: Path) -> None:
+    """SLURM sets SLURM_RESTART_COUNT in a requeued job, which starts again with the same
+    overrides in the same directory: it continues from the checkpoint there."""
+    overrides = [*FAST, *RESUMABLE, "trainer.max_steps=40"]
+    run_dir = tmp_path / "job"
+    cfg = make_config(*overrides)
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    expected = train(cfg, run_dir=run_dir)
+    (run_dir / "metrics.json").unlink()  # stopped after its last checkpoint
+    command = [sys.executable, "-m", "parity_lab", *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "SLURM_RESTART_COUNT": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {run_dir} from {run_dir / 'checkpoints' / 'last.ckpt'}" in result.stdout
+    assert without_timings(read_metrics(run_dir)) == without_timings(expected)

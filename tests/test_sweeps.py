@@ -79,7 +79,7 @@ def test_joblib_sweep_leaves_every_jobs_metrics_and_a_summary(small_sweep: tuple
     ]  # fmt: skip
 
     markdown = (sweep_dir / "summary.md").read_text()
-    assert "4 jobs: 4 ok, 0 failed, 0 unfinished, 0 missing" in markdown
+    assert "4 jobs: 4 ok." in markdown  # statuses no job has are left out
     for hidden in (4, 8):  # one row per configuration, seeds aggregated: 2 of 2 runs ok
         assert f"| model.hidden_size={hidden} | 2/2 |" in markdown
         assert f"| model.hidden_size={hidden} | 2/2 |" in stdout  # printed when the sweep ends

@@ -55,7 +55,11 @@ class MLSTMLayer(nn.Module):
             k_t, q_t = k[:, t], q[:, t]
             memory = f[:, :, None] * memory + (i * v[:, t]).unsqueeze(2) * k_t.unsqueeze(1)
             normaliser = f * normaliser + i * k_t
-            denominator = torch.maximum((normaliser * q_t).sum(-1).abs(), torch.exp(-m_new))
+            # exp(-m) overflows float32 once m < -88 (an input gate below exp(-88)): the forward
+            # still divides by inf, but its backward gives 0 * inf = nan. The floor stays below
+            # the overflow; past it h is at most |C q| exp(-80), zero either way.
+            floor = torch.exp((-m_new).clamp(max=80.0))
+            denominator = torch.maximum((normaliser * q_t).sum(-1).abs(), floor)
             outputs.append(torch.bmm(memory, q_t.unsqueeze(2)).squeeze(2) / denominator[:, None])
             m = m_new
         h = torch.sigmoid(o) * torch.stack(outputs, dim=1)

@@ -13,7 +13,7 @@ the gates actually applied are ``exp(i~ - m_t)`` and ``exp(log f + m_{t-1} - m_t
 input gate is exactly 1 and ``n`` never reaches 0.
 
 The state is ``(h, c, n, m)``, each ``(num_layers, batch, hidden_size)``, carried across chunks.
-Only ``step`` is written: ``ManualRecurrent`` unrolls it and autograd derives the backward.
+Only ``step`` is written: ``ManualRecurrent`` unrolls it and traces its backward from it.
 """
 
 from __future__ import annotations
