@@ -202,8 +202,9 @@ def validate(cfg: DictConfig) -> None:
             + " the run never ends; expected a step limit (trainer.max_steps >= 1)"
         )
     _int(cfg, "eval.curve.max_len", 1, optional=True)
-    for key in ("dense_until", "per_decade", "num_strings", "chunk_len"):
+    for key in ("dense_until", "per_decade", "num_strings"):
         _int(cfg, f"eval.curve.{key}", 1)
+    _int(cfg, "eval.curve.chunk_len", 1, optional=True)
     _int(cfg, "num_threads", 1)
     check_memory(cfg)
     if cfg.resume is not None:
