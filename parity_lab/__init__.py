@@ -12,6 +12,8 @@ SCHEDULES = ("none", "linear", "warmup")  # data.curriculum.schedule (see data.C
 LR_SHAPES = ("cosine", "linear")  # scheduler.shape: the lr's fall after warm-up (warmup_decay)
 # model.eigenvalues of linear_rnn / deltanet: transition values in [0, 1] or in [-1, 1]
 EIGENVALUES = ("positive", "signed")
+# model.positional of the transformer: how a position is coded (``none``: causal mask only)
+POSITIONAL = ("sinusoidal", "learned", "none")
 
 
 def _input_size(encoding: str) -> int:

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from parity_lab.config import ConfigError, literal, resume_config
-from parity_lab.naming import directory_overrides
+from parity_lab.naming import CONFIG_DIR, directory_overrides
 from parity_lab.run_files import RunFileError, read_metrics, write_atomic
 
 
@@ -162,6 +162,24 @@ def resume_in_place(argv: list[str]) -> list[str]:
 OUTPUT_DIR = re.compile(r"\+{0,2}(hydra\.(?:run|sweep)\.dir)=(.*)", re.DOTALL)
 
 
+GROUP_CHOICE = re.compile(r"(\w+)=([\w.,-]*)")  # model=gru, model=rnn,lstm (a sweep)
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """``ConfigError`` in one line for an option that is not in its ``conf/<group>/`` folder
+    (Hydra's own message lists every search path). Skipped when ``hydra.searchpath`` adds the
+    user's own config folders, whose options only Hydra knows."""
+    if any(arg.lstrip("+").startswith("hydra.searchpath") for arg in argv[1:]):
+        return
+    for arg in argv[1:]:
+        if not (match := GROUP_CHOICE.fullmatch(arg)) or not (CONFIG_DIR / match[1]).is_dir():
+            continue
+        options = sorted(path.stem for path in (CONFIG_DIR / match[1]).glob("*.yaml"))
+        for choice in match[2].split(","):
+            if choice not in options and choice != "null":
+                raise ConfigError(f"{match[1]}={choice!r} is invalid: allowed values are {options}")
+
+
 def check_output_dirs(argv: list[str]) -> None:
     """``ConfigError`` when the directory a run or sweep would be written in cannot be written:
     checked on its nearest existing ancestor before Hydra starts, since Hydra creates it first."""
@@ -190,6 +208,7 @@ def check_output_dirs(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     try:
+        check_group_choices(sys.argv)
         sys.argv = directory_overrides(resume_in_place(sys.argv))
         check_output_dirs(sys.argv)
     except ConfigError as error:

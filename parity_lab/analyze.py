@@ -30,6 +30,7 @@ import torch
 
 import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
 from parity_lab.data import encode, key_generator
+from parity_lab.evaluate import chunk_length
 from parity_lab.models import ParityRNN
 from parity_lab.predict import PredictError, load_run
 from parity_lab.run_files import CorruptResultError, atomic_path, read_metrics, write_atomic
@@ -310,11 +311,12 @@ def drift(
     encoding: str = "bit",
     num_strings: int = 256,
     seed: int = 0,
-    chunk_len: int = 4096,
+    chunk_len: int | None = None,
 ) -> list[dict[str, float]]:
     """How the state of long streams moves away from the states of short strings: at each length,
     accuracy, the smallest signed margin ``logit * (2 parity - 1)`` (negative: a wrong answer)
     and the largest distance from a state to its nearest ``centre``."""
+    chunk_len = chunk_length(model, chunk_len)
     generator = key_generator(seed, "drift")
     wanted, rows, state = sorted(lengths), [], None
     parity = torch.zeros(num_strings, 1, dtype=torch.int64)
@@ -342,7 +344,11 @@ def drift(
 
 @torch.no_grad()
 def zero_run_limits(
-    model: ParityRNN, prefixes: torch.Tensor, encoding: str, longest: int, chunk_len: int = 4096
+    model: ParityRNN,
+    prefixes: torch.Tensor,
+    encoding: str,
+    longest: int,
+    chunk_len: int | None = None,
 ) -> torch.Tensor:
     """For each prefix ``(batch, bits)``, the first ``n`` at which ``prefix + 0^n`` is predicted
     wrong: 0 if the prefix itself is, ``longest + 1`` if it stays right through ``longest`` zeros.
@@ -350,6 +356,7 @@ def zero_run_limits(
     Zeros keep the parity, so an exact automaton holds it through any run of them; a trained
     network may leak towards the other state, and random strings contain ever longer runs.
     """
+    chunk_len = chunk_length(model, chunk_len)
     batch, size = prefixes.shape
     parity = prefixes.sum(dim=1).remainder(2)
     logits, state = model.run(encode(prefixes, torch.full((batch,), size), encoding))

@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
-from parity_lab.evaluate import CHUNK_LEN
 from parity_lab.models import manual
 from parity_lab.models.manual import ManualLSTM, ManualRecurrent
 
@@ -356,38 +355,55 @@ def weight_flops(model: nn.Module) -> int:
 
 def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Seconds to evaluate ``--eval-strings`` strings of each length in ``--eval-bits``, with
-    each ``--eval-model``; beside it the weight FLOP/s achieved, against ``peak_gflops``."""
+    each ``--eval-model`` (a model name, then optional ``,key=value`` overrides) and each
+    ``--eval-chunk`` (0: the model's own). The settings take turns ``--eval-repeats`` times, so
+    that load on a shared machine hits all alike; the median is kept, and beside it the weight
+    FLOP/s achieved, against ``peak_gflops``."""
     from hydra.utils import instantiate
 
-    from parity_lab.evaluate import accuracy_at_length
+    from parity_lab.evaluate import accuracy_at_length, chunk_length
 
     peak = peak_gflops()
-    results = []
-    for name in args.eval_model:
-        cfg = compose(f"model={name}", f"model.hidden_size={args.hidden}")
+    models = {}
+    for setting in args.eval_model:
+        name, *overrides = setting.split(",")
+        cfg = compose(f"model={name}", f"model.hidden_size={args.hidden}", *overrides)
         torch.manual_seed(0)
         model = instantiate(cfg.model).to(args.device).eval()
-        accuracy_at_length(model, 64, args.eval_strings, seed=0)  # warm-up: kernels, allocator
-        for bits, chunk in itertools.product(args.eval_bits, args.eval_chunk):
+        accuracy_at_length(model, 64, args.eval_strings, 0, cfg.data.encoding)  # warm-up
+        models[setting] = (model, cfg.data.encoding)
+    cases = list(itertools.product(models, args.eval_bits, args.eval_chunk))
+    times: dict[tuple[str, int, int], list[tuple[float, float, float]]] = {c: [] for c in cases}
+    for _ in range(args.eval_repeats):
+        for setting, bits, chunk in cases:
+            model, encoding = models[setting]
             start, cpu_start = time.perf_counter(), time.process_time()
-            accuracy = accuracy_at_length(model, bits, args.eval_strings, 0, chunk_len=chunk)
+            accuracy = accuracy_at_length(
+                model, bits, args.eval_strings, 0, encoding, chunk_len=chunk or None
+            )
             synchronize(torch.device(args.device))
             seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            gflops = weight_flops(model) * bits * args.eval_strings / cpu / 1e9
-            results.append(
-                {
-                    "model": name,
-                    "bits": bits,
-                    "strings": args.eval_strings,
-                    "chunk_len": chunk,
-                    "seconds": round(seconds, 3),
-                    "cpu_seconds": round(cpu, 3),
-                    "weight_gflops": float(f"{gflops:.3g}"),
-                    "share_of_peak": float(f"{gflops / peak:.3g}"),
-                    "peak_gflops": round(peak, 1),
-                    "accuracy_untrained": accuracy,
-                }
-            )
+            times[setting, bits, chunk].append((cpu, seconds, accuracy))
+    results = []
+    for (setting, bits, chunk), runs in times.items():
+        model = models[setting][0]
+        cpu, seconds, accuracy = sorted(runs)[len(runs) // 2]
+        gflops = weight_flops(model) * bits * args.eval_strings / cpu / 1e9
+        results.append(
+            {
+                "model": setting,
+                "bits": bits,
+                "strings": args.eval_strings,
+                "chunk_len": chunk_length(model, chunk or None),
+                "seconds": round(seconds, 3),
+                "cpu_seconds": round(cpu, 3),
+                "cpu_seconds_all": [round(run[0], 3) for run in runs],
+                "weight_gflops": float(f"{gflops:.3g}"),
+                "share_of_peak": float(f"{gflops / peak:.3g}"),
+                "peak_gflops": round(peak, 1),
+                "accuracy_untrained": accuracy,
+            }
+        )
     return results
 
 
@@ -465,12 +481,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=MODELS + list(VARIANTS),
         help="models to time",
     )
-    add("--batch", type=int, default=128, help="strings per training step")
-    add("--min-len", type=int, default=1)
-    add("--max-len", type=int, nargs="+", default=[20], help="one or more max_len to time")
-    add("--hidden", type=int, default=16, help="hidden size of every timed model")
+    add("--batch", type=positive, default=128, help="strings per training step")
+    add("--min-len", type=positive, default=1)
+    add("--max-len", type=positive, nargs="+", default=[20], help="one or more max_len to time")
+    add("--hidden", type=positive, default=16, help="hidden size of every timed model")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add("--threads", type=int, default=1, help="torch CPU threads")
+    add("--threads", type=positive, default=1, help="torch CPU threads")
     add("--compile", default=None, help="model.compile mode for the timed models (e.g. default)")
     add("--warmup", type=int, default=10, help="untimed steps before timing")
     add(
@@ -480,31 +496,70 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="time steps a cell without step_backward runs eagerly before its derived graphs are "
         "compiled (training runs: 200000; 0 here times the compiled steady state, -1 never)",
     )
-    add("--repeats", type=int, default=7, help="timed blocks; the median block is reported")
-    add("--steps", type=int, default=20, help="training steps per timed block")
-    add("--solve-seeds", type=int, default=5, help="seeds of the default run to time (0: skip)")
+    add("--repeats", type=positive, default=7, help="timed blocks; the median block is reported")
+    add("--steps", type=positive, default=20, help="training steps per timed block")
+    add(
+        "--solve-seeds",
+        type=int,
+        default=5,
+        help="time the default run with seeds 0..N-1 (0: skip)",
+    )
     add("--solve-overrides", nargs="*", default=[], help="overrides for the timed default runs")
-    add("--notebook-seeds", type=int, default=3, help="seeds of the notebook baseline (0: skip)")
-    add("--notebook-max-steps", type=int, default=20000)
-    add("--notebook-eval-every", type=int, default=100)
+    add(
+        "--notebook-seeds",
+        type=int,
+        default=3,
+        help="time the notebook baseline with seeds 0..N-1 (0: skip)",
+    )
+    add("--notebook-max-steps", type=positive, default=20000)
+    add("--notebook-eval-every", type=positive, default=100)
     add(
         "--breakdown",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="time data generation and evaluation within one default run",
     )
-    add("--eval-bits", type=int, nargs="*", default=[], help="string lengths to evaluate")
-    add("--eval-strings", type=int, default=512)
-    add("--eval-chunk", type=int, nargs="+", default=[CHUNK_LEN], help="bits per chunk to time")
-    add("--eval-model", nargs="+", default=["lstm"], choices=MODELS, help="models to evaluate")
+    add("--eval-bits", type=positive, nargs="*", default=[], help="string lengths to evaluate")
+    add("--eval-strings", type=positive, default=512)
+    add(
+        "--eval-chunk",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="bits per chunk to time; 0: the model's own (ParityRNN.eval_chunk_len, else 64)",
+    )
+    add(
+        "--eval-model",
+        nargs="+",
+        default=["lstm"],
+        help="models to evaluate: a conf/model name, optionally followed by ,key=value overrides",
+    )
+    add("--eval-repeats", type=positive, default=1, help="rounds of the evaluation timings")
     add(
         "--startup",
         action="store_true",
         help="only time whole processes (import torch, predict, a bad value, the default run)",
     )
-    add("--startup-repeats", type=int, default=5, help="rounds of the --startup commands")
+    add("--startup-repeats", type=positive, default=5, help="rounds of the --startup commands")
     add("--output", default="outputs/bench.json", help="where to write the JSON results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.min_len > min(args.max_len):
+        parser.error(f"--min-len {args.min_len} is longer than --max-len {min(args.max_len)}")
+    for setting in args.eval_model:
+        if setting.split(",")[0] not in MODELS:
+            parser.error(f"--eval-model {setting!r}: the name before ',' must be one of {MODELS}")
+    return args
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count, a length or a size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

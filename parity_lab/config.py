@@ -17,6 +17,7 @@ from parity_lab import (
     EIGENVALUES,
     ENCODING_SIZES,
     LR_SHAPES,
+    POSITIONAL,
     READOUTS,
     SCHEDULES,
 )
@@ -119,6 +120,15 @@ def validate(cfg: DictConfig) -> None:
         _choice(cfg, "model.eigenvalues", EIGENVALUES)
     if "max_len" in cfg.model:  # the Transformer: it cannot train on longer strings
         _int(cfg, "model.max_len", cfg.data.max_len)
+    if "positional" in cfg.model:
+        _choice(cfg, "model.positional", POSITIONAL)
+    if "num_heads" in cfg.model:
+        _int(cfg, "model.num_heads", 1)
+        if cfg.model.hidden_size % cfg.model.num_heads:
+            raise ConfigError(
+                f"model.num_heads={cfg.model.num_heads} is invalid: expected a divisor of "
+                f"model.hidden_size={cfg.model.hidden_size}"
+            )
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
     if cfg.data.min_len > cfg.data.max_len:
@@ -210,8 +220,9 @@ def validate(cfg: DictConfig) -> None:
             + " the run never ends; expected a step limit (trainer.max_steps >= 1)"
         )
     _int(cfg, "eval.curve.max_len", 1, optional=True)
-    for key in ("dense_until", "per_decade", "num_strings", "chunk_len"):
+    for key in ("dense_until", "per_decade", "num_strings"):
         _int(cfg, f"eval.curve.{key}", 1)
+    _int(cfg, "eval.curve.chunk_len", 1, optional=True)
     _int(cfg, "num_threads", 1)
     check_memory(cfg)
     if cfg.resume is not None:

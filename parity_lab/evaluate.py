@@ -13,10 +13,21 @@ import torch
 from parity_lab.data import encode, key_generator
 from parity_lab.models import ParityRNN
 
-# Bits per chunk. Short chunks keep a chunk's activations (strings x bits x gates) in cache: at 64,
-# 512 strings of 1,000,000 bits take nn.LSTM 37 s of CPU instead of 66 s at 4096, and every other
-# model measured gains too (python -m parity_lab.bench --eval-bits, docs/performance.md).
+# Bits per chunk, unless the model names its own (``ParityRNN.eval_chunk_len``). Short chunks keep a
+# chunk's activations (strings x bits x gates) in cache: at 64, 512 strings of 1,000,000 bits take
+# nn.LSTM 37 s of CPU instead of 66 s at 4096 (python -m parity_lab.bench --eval-bits,
+# docs/performance.md). A scan (the linear RNNs) pays per chunk instead and prefers long ones.
 CHUNK_LEN = 64
+# Random bits are drawn as uint8: the same values as int64 from the same generator, in 40% of the
+# time (drawing was a tenth of a linear RNN's evaluation).
+BITS = torch.uint8
+
+
+def chunk_length(model: ParityRNN, chunk_len: int | None) -> int:
+    """``chunk_len``; if None, the model's ``eval_chunk_len``, else ``CHUNK_LEN``."""
+    if chunk_len is not None:
+        return chunk_len
+    return model.eval_chunk_len or CHUNK_LEN
 
 
 @torch.inference_mode()
@@ -26,7 +37,7 @@ def accuracy_at_length(
     num_strings: int,
     seed: int,
     encoding: str = "bit",
-    chunk_len: int = CHUNK_LEN,
+    chunk_len: int | None = None,
 ) -> float:
     """Share of ``num_strings`` random strings of exactly ``length`` bits whose parity is right.
 
@@ -35,13 +46,14 @@ def accuracy_at_length(
     cost a third of the time.
     """
     device = next(model.parameters()).device
+    chunk_len = chunk_length(model, chunk_len)
     generator = key_generator(seed, "long", length)
     parity = torch.zeros(num_strings, dtype=torch.int64)
     full = torch.full((num_strings,), chunk_len)
     state, outputs = None, None
     for start in range(0, length, chunk_len):
         size = (num_strings, min(chunk_len, length - start))
-        bits = torch.randint(0, 2, size, generator=generator)
+        bits = torch.randint(0, 2, size, generator=generator, dtype=BITS)
         parity ^= bits.sum(dim=1).remainder_(2)
         outputs, state = model.rnn(encode(bits, full, encoding).to(device), state)
     predictions = (model.head(outputs[:, -1]).squeeze(-1) > 0).long().cpu()
@@ -88,7 +100,7 @@ def accuracy_by_length(
     num_strings: int,
     seed: int,
     encoding: str = "bit",
-    chunk_len: int = CHUNK_LEN,
+    chunk_len: int | None = None,
 ) -> dict[int, float]:
     """Accuracy at every length in ``lengths``, from one pass over ``num_strings`` streams.
 
@@ -98,6 +110,7 @@ def accuracy_by_length(
     streams are fixed by ``(seed, "curve")``.
     """
     device = next(model.parameters()).device
+    chunk_len = chunk_length(model, chunk_len)
     generator = key_generator(seed, "curve")
     wanted = torch.tensor(sorted(set(lengths)), dtype=torch.int64)
     total = int(wanted[-1])
@@ -107,7 +120,7 @@ def accuracy_by_length(
     state = None
     for start in range(0, total, chunk_len):
         bits = torch.randint(
-            0, 2, (num_strings, min(chunk_len, total - start)), generator=generator
+            0, 2, (num_strings, min(chunk_len, total - start)), generator=generator, dtype=BITS
         )
         running = (torch.cumsum(bits, dim=1) + parity).remainder_(2)
         parity = running[:, -1:]

@@ -52,11 +52,15 @@ def safe(text: str) -> str:
 
 def bounded(text: str, limit: int = MAX_NAME) -> str:
     """``text`` if it has at most ``limit`` characters, else cut to fit with ``-`` and a hash of
-    the whole text appended, so that different long names stay different."""
+    the whole text appended, so that different long names stay different. The cut keeps whole
+    ``key=value`` parts where one fits (``max_steps=5-<hash>`` would misread ``max_steps=50``)."""
     if len(text) <= limit:
         return text
     digest = hashlib.sha1(text.encode()).hexdigest()[:HASH_CHARS]
-    return f"{text[: limit - HASH_CHARS - 1].rstrip(',=_.-')}-{digest}"
+    head = text[: limit - HASH_CHARS - 1]
+    if text[len(head)] != "," and "," in head:
+        head = head[: head.rindex(",")]
+    return f"{head.rstrip(',=_.-')}-{digest}"
 
 
 def short_keys(keys: Sequence[str]) -> dict[str, str]:

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab.data import encode
+from parity_lab.evaluate import chunk_length
 from parity_lab.models import ParityRNN
 from parity_lab.run_files import UnsafeConfigError, checked_config, first_line
 
@@ -91,13 +92,14 @@ def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
 
 @torch.no_grad()
 def parity_probabilities(
-    model: ParityRNN, strings: list[str], encoding: str, chunk_len: int = 4096
+    model: ParityRNN, strings: list[str], encoding: str, chunk_len: int | None = None
 ) -> list[float]:
     """Probability that each string's parity is 1, read at its last bit.
 
     Strings of equal length run as one batch, ``chunk_len`` bits at a time with the recurrent
     state carried across, so memory does not grow with the string length.
     """
+    chunk_len = chunk_length(model, chunk_len)
     by_length: dict[int, list[int]] = {}
     for index, bits in enumerate(strings):
         by_length.setdefault(len(bits), []).append(index)

@@ -494,7 +494,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m parity_lab.report",
         description="Write summary.csv, summary.md and summary.png into a sweep directory and "
         "print its table. Works on a sweep still running, killed or with failed jobs: every "
-        "planned job is listed as ok, failed, unfinished or missing.",
+        "planned job is listed as ok, failed, corrupt (unreadable results), unfinished or missing.",
         epilog="A directory holding several sweeps (e.g. outputs/sweeps/2026-11-23) gets one "
         "summary per sweep. For a single run, use python -m parity_lab.predict RUN_DIR BITS, "
         "python -m parity_lab.analyze RUN_DIR, or tensorboard --logdir RUN_DIR.",

@@ -13,11 +13,11 @@ from torch.nn import functional as F
 from parity_lab import predict
 from parity_lab.config import ConfigError, validate
 from parity_lab.data import make_batch, sample_bits
-from parity_lab.evaluate import accuracy_at_length
+from parity_lab.evaluate import CHUNK_LEN, accuracy_at_length, accuracy_by_length
 from parity_lab.models import MLSTM, SLSTM, CausalTransformer, DeltaNet, LinearRNN, ParityRNN
 from parity_lab.models.deltanet import delta_rule
 from parity_lab.models.handset import handset_linear_rnn
-from parity_lab.models.linear_rnn import PIECE, linear_scan
+from parity_lab.models.linear_rnn import MIN_PIECE, PIECE, linear_scan
 from parity_lab.train import train
 from tests.conftest import compose_config
 from tests.test_science import every_string
@@ -269,6 +269,23 @@ def test_transformer_rejects_bad_options() -> None:
         validate(compose_config("model=transformer", "model.max_len=10", "data.max_len=20"))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.positional=rotary", r"^model.positional='rotary' is invalid: allowed values"),
+        ("model.num_heads=3", r"^model.num_heads=3 is invalid: expected a divisor of .*=16$"),
+        ("model.num_heads=0", r"^model.num_heads=0 is invalid: expected an integer >= 1$"),
+    ],
+)
+def test_config_rejects_bad_transformer_options_before_training(
+    override: str, message: str
+) -> None:
+    """Checked by ``validate``, so the command line says one ``config error:`` line, not
+    Hydra's instantiation error."""
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config("model=transformer", override))
+
+
 def test_lengths_beyond_transformer_max_len_are_skipped_and_never_solved(
     make_config, tmp_path: Path, capsys
 ) -> None:
@@ -344,3 +361,56 @@ def test_linear_rnn_reads_long_inputs_piecewise_with_the_same_result() -> None:
         reference.append(output)
     torch.testing.assert_close(outputs, torch.cat(reference, dim=1))
     torch.testing.assert_close(state, h)
+
+
+@pytest.mark.parametrize(("hidden_size", "num_layers", "encoding"), [(4, 2, "bit"), (1, 1, "pair")])
+def test_linear_rnn_inference_path_equals_the_training_path(
+    hidden_size: int, num_layers: int, encoding: str
+) -> None:
+    """Without gradients the core scans time-major pieces in place; outputs and states stay those
+    of the differentiable path, over several pieces, with and without a carried state."""
+    torch.manual_seed(0)
+    core = LinearRNN(2 if encoding == "pair" else 1, hidden_size, num_layers, eigenvalues="signed")
+    bits, lengths = sample_bits(torch.Generator().manual_seed(1), 3, 700, 700)
+    x = make_batch(bits, lengths, encoding).x.double()
+    core = core.double()
+    for state in (None, torch.randn(num_layers, 3, hidden_size, dtype=torch.float64)):
+        outputs, last = core(x, state)
+        with torch.no_grad():
+            fast_outputs, fast_last = core(x, state)
+        assert fast_outputs.shape == outputs.shape and not fast_outputs.requires_grad
+        torch.testing.assert_close(fast_outputs, outputs.detach(), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(fast_last, last.detach(), atol=1e-12, rtol=1e-12)
+
+
+class ChunkRecorder(torch.nn.Module):
+    """A core that remembers the chunk lengths it read, with an optional ``eval_chunk_len``."""
+
+    def __init__(self, *args: object, eval_chunk_len: int | None = None, **kwargs: object) -> None:
+        super().__init__()
+        self.lstm = torch.nn.LSTM(1, 2, batch_first=True)
+        self.seen: list[int] = []
+        if eval_chunk_len is not None:
+            self.eval_chunk_len = eval_chunk_len
+
+    def forward(self, x: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:
+        self.seen.append(x.shape[1])
+        return self.lstm(x, state)
+
+
+@pytest.mark.parametrize("preferred", [None, 25])
+def test_long_evaluation_reads_chunks_of_the_models_preferred_length(preferred: int | None) -> None:
+    model = ParityRNN(lambda *a, **k: ChunkRecorder(eval_chunk_len=preferred), 1, 2)
+    expected = preferred or CHUNK_LEN
+    accuracy_at_length(model, 3 * expected + 1, 4, seed=0)
+    accuracy_by_length(model, [1, 2 * expected], 4, seed=0)
+    predict.parity_probabilities(model, ["1" * (2 * expected + 3)], "bit")
+    assert model.rnn.seen == [expected] * 3 + [1] + [expected] * 2 + [expected] * 2 + [3]
+    model.rnn.seen.clear()
+    accuracy_at_length(model, 10, 4, seed=0, chunk_len=4)  # an explicit chunk length wins
+    assert model.rnn.seen == [4, 4, 2]
+
+
+def test_linear_rnn_prefers_longer_evaluation_chunks_when_narrow() -> None:
+    chunks = [LinearRNN(1, size).eval_chunk_len for size in (1, 2, 16)]
+    assert chunks[0] > chunks[1] > MIN_PIECE - 1 and chunks[2] == MIN_PIECE

@@ -68,6 +68,12 @@ def test_a_long_name_is_cut_to_the_bound_with_a_hash_and_stays_distinct():
     assert first == job_dir_name(3, [f"+note={LONG}x", "seed=1"], [])  # the same every time
 
 
+def test_a_cut_name_keeps_whole_overrides_and_never_a_cut_value():
+    overrides = ["trainer.max_steps=50", "eval.num_val=64", "eval.num_test=64", "+x.tag=abcdefghij"]
+    name = run_dir_suffix(None, overrides, [])
+    assert name.startswith("_max_steps=50,num_val=64,num_test=64-") and len(name) <= MAX_NAME + 1
+
+
 @pytest.mark.parametrize(
     "value", ["../../escape", "a/b", "..", "/etc/passwd", "x\\y", "'q'", "a b", "[1,2]", "$HOME"]
 )

@@ -183,3 +183,19 @@ def test_bench_startup_times_whole_processes_against_import_torch(tmp_path: Path
     assert rows["import torch"]["ratio_to_import_torch"] == 1.0
     for row in rows.values():
         assert row["median_s"] > 0 and len(row["seconds"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-len", "0"], "argument --max-len: '0' is not an integer >= 1"),
+        (["--batch", "x"], "argument --batch: 'x' is not an integer >= 1"),
+        (["--min-len", "30", "--max-len", "50", "20"], "--min-len 30 is longer than --max-len 20"),
+    ],
+)
+def test_bench_refuses_bad_sizes_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert capsys.readouterr().err.strip().endswith(message)

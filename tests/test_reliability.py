@@ -149,7 +149,9 @@ def test_finished_run_cannot_be_resumed(tmp_path: Path) -> None:
 
 CLI_BAD_VALUES = [
     (["model.hidden_size=2.5"], "config error: model.hidden_size=2.5"),
-    (["model=mamba"], "Could not find 'model/mamba'"),  # Hydra's own message
+    (["model=mamba"], "config error: model='mamba' is invalid: allowed values are ["),
+    (["-m", "model=lstm,mamba"], "config error: model='mamba' is invalid"),
+    (["experiment=nope"], "config error: experiment='nope' is invalid"),
 ]
 
 

@@ -55,6 +55,12 @@ class ParityRNN(nn.Module):
         """The longest string the core reads (a Transformer's ``max_len``); None: any length."""
         return getattr(self.rnn, "max_len", None)
 
+    @property
+    def eval_chunk_len(self) -> int | None:
+        """Bits per chunk the core evaluates long strings fastest in (its ``eval_chunk_len``);
+        None: no preference (``parity_lab.evaluate.CHUNK_LEN``)."""
+        return getattr(self.rnn, "eval_chunk_len", None)
+
     def run(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits for a chunk of time steps, starting from (and returning) the recurrent state."""
         outputs, state = self.rnn(x, state)

@@ -31,6 +31,12 @@ from parity_lab import EIGENVALUES
 # size fall out of the CPU caches, and 512 strings x 40,960 bits took 35 s in chunks of 4096
 # steps against 8.4 s in pieces of 256 (one thread).
 PIECE = 256
+# Without gradients, pieces hold about this many values (steps x batch x hidden_size), at least
+# MIN_PIECE steps: each of the scan's tensors stays in a core's L2 cache (512 KiB of float32), and
+# a narrow model scans longer pieces. Evaluation chunks are one such piece for 512 strings.
+INFERENCE_VALUES = 2**17
+MIN_PIECE = 64
+EVAL_STRINGS = 512
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,6 +73,29 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     return states.view(batch, blocks * block, size)[:, :steps]
 
 
+def linear_scan_inplace_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """``linear_scan`` for inference with time on dim 0, ``(time, batch, size)``: overwrites ``a``
+    and ``b`` and returns the states in ``b``'s memory. The same operations in the same order, so
+    the same values; each time step is one contiguous slice and no intermediate is allocated."""
+    steps, batch, size = b.shape
+    block = math.isqrt(steps - 1) + 1
+    blocks = -(-steps // block)
+    pad = blocks * block - steps
+    if pad:  # identity steps at the end: a = 1, b = 0
+        a = F.pad(a, (0, 0, 0, 0, 0, pad), value=1.0)
+        b = F.pad(b, (0, 0, 0, 0, 0, pad))
+    a, b = a.view(blocks, block, batch * size), b.view(blocks, block, batch * size)
+    for k in range(1, block):  # (1) every block from a zero state, all blocks together
+        b[:, k].addcmul_(a[:, k], b[:, k - 1])
+    running = a.cumprod_(dim=1)  # product of a from each block's start
+    starts = torch.empty_like(b[:, 0])
+    starts[0] = 0 if h0 is None else h0.reshape(-1)
+    for j in range(blocks - 1):  # (2) the state entering each block
+        torch.addcmul(b[j, -1], running[j, -1], starts[j], out=starts[j + 1])
+    b.addcmul_(running, starts.unsqueeze(1))  # (3)
+    return b.view(blocks * block, batch, size)[:steps]
+
+
 class LinearRNNLayer(nn.Module):
     """One gated diagonal linear recurrence: ``input -> (outputs, all states)``."""
 
@@ -92,6 +121,22 @@ class LinearRNNLayer(nn.Module):
         )
         a = torch.exp(-F.softplus(dt) * self.A_log.exp())
         return (2 * a - 1 if self.signed else a), b, gate
+
+    def infer(self, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` without gradients, time on dim 0: ``(outputs, last state)``. In place
+        wherever the training path allocates, with the same operations, so the same values."""
+        dt, b, gate = (
+            F.linear(x, weight, bias)
+            for weight, bias in zip(
+                self.in_proj.weight.chunk(3), self.in_proj.bias.chunk(3), strict=True
+            )
+        )
+        a = F.softplus(dt).mul_(-self.A_log.exp()).exp_()
+        if self.signed:
+            a.mul_(2).sub_(1)
+        h = linear_scan_inplace_(a, b, h0)
+        y = self.out_proj(F.silu(gate, inplace=True).mul_(h))
+        return (y.add_(x) if self.residual else y), h[-1]
 
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor | None
@@ -133,9 +178,32 @@ class LinearRNN(nn.Module):
             for i in range(num_layers)
         )
 
+    @property
+    def eval_chunk_len(self) -> int:
+        """Bits per evaluation chunk (``parity_lab.evaluate``): one inference piece of 512 strings,
+        256 bits at hidden size 1, 64 from 4 on (docs/performance.md)."""
+        return max(MIN_PIECE, INFERENCE_VALUES // (EVAL_STRINGS * self.hidden_size))
+
+    def infer(
+        self, x: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` without gradients: time-major pieces of about ``INFERENCE_VALUES``."""
+        batch, steps, _ = x.shape
+        piece = max(MIN_PIECE, INFERENCE_VALUES // (batch * self.hidden_size))
+        outputs = x.new_empty(batch, steps, self.hidden_size)
+        last = [None] * self.num_layers if state is None else list(state.unbind(0))
+        for start in range(0, steps, piece):
+            y = x[:, start : start + piece].transpose(0, 1).contiguous()  # one copy, not three
+            for i, layer in enumerate(self.layers):
+                y, last[i] = layer.infer(y, last[i])
+            outputs[:, start : start + piece] = y.transpose(0, 1)
+        return outputs, torch.stack(last)
+
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not torch.is_grad_enabled():
+            return self.infer(x, state)
         if x.shape[1] > PIECE:  # long inputs piece by piece, carrying the state
             outputs = []
             for piece in x.split(PIECE, dim=1):

@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-POSITIONAL = ("sinusoidal", "learned", "none")
+from parity_lab import POSITIONAL
 
 
 def sinusoidal_codes(max_len: int, size: int) -> torch.Tensor:
