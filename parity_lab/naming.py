@@ -189,4 +189,7 @@ def constant_overrides(argv: list[str]) -> list[str]:
     excluded = [*cfg.hydra.job.config.override_dirname.exclude_keys]
     excluded += [key for key, count in counts.items() if count == 1 and key not in excluded]
     quoted = ",".join(f"'{key}'" for key in excluded)
-    return [*argv, f"{EXCLUDE_KEYS}=[{quoted}]"]
+    # Beside the last override: Hydra's argparse reads the overrides as one run of positional
+    # arguments, so one appended after options (`--cfg hydra -p hydra.sweeper`) would be refused.
+    last = max((i for i, arg in enumerate(argv) if arg in overrides), default=len(argv) - 1)
+    return [*argv[: last + 1], f"{EXCLUDE_KEYS}=[{quoted}]", *argv[last + 1 :]]

@@ -147,3 +147,14 @@ def test_sweep_job_names_show_only_what_differs_bounded_and_inside_the_sweep(tmp
     assert {"seed=3", "model.hidden_size=2"} <= set(overrides)  # constants stay in .hydra/
     summary = (sweep_dir / "summary.md").read_text()
     assert "`model.hidden_size=2`" in summary.split("Same in every job:")[1].splitlines()[0]
+
+
+def test_a_stored_sweep_prints_its_plan_with_options_after_the_overrides() -> None:
+    """The README's `sweep=rfr --cfg hydra -p hydra.sweeper`: the exclude_keys override joins
+    the other overrides, not the options after them (argparse would refuse it there)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "parity_lab", "sweep=rfr", "--cfg", "hydra", "-p", "hydra.sweeper"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "params:" in result.stdout and "model:" in result.stdout
