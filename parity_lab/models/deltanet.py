@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from parity_lab import EIGENVALUES
+from parity_lab.models.linear_rnn import TransitionStack
 
 
 def delta_rule(
@@ -71,36 +71,14 @@ class DeltaNetLayer(nn.Module):
         return (y + x if self.residual else y), state
 
 
-class DeltaNet(nn.Module):
+class DeltaNet(TransitionStack):
     """Stacked ``DeltaNetLayer``s with torch's RNN signature (batch_first only).
 
     ``forward(x, state) -> (outputs, state)``: outputs ``(batch, time, hidden_size)``, state
     ``(num_layers, batch, hidden_size, hidden_size)``.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        batch_first: bool = True,
-        eigenvalues: str = "positive",
-    ) -> None:
-        super().__init__()
-        if not batch_first:
-            raise ValueError("DeltaNet is batch_first only")
-        if eigenvalues not in EIGENVALUES:
-            raise ValueError(
-                f"model.eigenvalues={eigenvalues!r} is invalid: allowed values are {EIGENVALUES}"
-            )
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.eigenvalues = eigenvalues
-        self.layers = nn.ModuleList(
-            DeltaNetLayer(
-                input_size if i == 0 else hidden_size, hidden_size, eigenvalues == "signed", i > 0
-            )
-            for i in range(num_layers)
-        )
+    layer_type = DeltaNetLayer
 
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None = None

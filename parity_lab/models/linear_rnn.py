@@ -147,12 +147,11 @@ class LinearRNNLayer(nn.Module):
         return (y + x if self.residual else y), h
 
 
-class LinearRNN(nn.Module):
-    """Stacked ``LinearRNNLayer``s with torch's RNN signature (batch_first only).
+class TransitionStack(nn.Module):
+    """Layers of a recurrence whose transitions are non-negative or signed (``model.eigenvalues``),
+    built with torch's RNN signature (batch_first only); subclasses name the layer and run it."""
 
-    ``forward(x, state) -> (outputs, state)``: outputs ``(batch, time, hidden_size)``, state the
-    last ``h`` of every layer, ``(num_layers, batch, hidden_size)``.
-    """
+    layer_type: type[nn.Module]  # built as layer_type(input_size, hidden_size, signed, residual)
 
     def __init__(
         self,
@@ -164,7 +163,7 @@ class LinearRNN(nn.Module):
     ) -> None:
         super().__init__()
         if not batch_first:
-            raise ValueError("LinearRNN is batch_first only")
+            raise ValueError(f"{type(self).__name__} is batch_first only")
         if eigenvalues not in EIGENVALUES:
             raise ValueError(
                 f"model.eigenvalues={eigenvalues!r} is invalid: allowed values are {EIGENVALUES}"
@@ -172,11 +171,21 @@ class LinearRNN(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.eigenvalues = eigenvalues
         self.layers = nn.ModuleList(
-            LinearRNNLayer(
+            self.layer_type(
                 input_size if i == 0 else hidden_size, hidden_size, eigenvalues == "signed", i > 0
             )
             for i in range(num_layers)
         )
+
+
+class LinearRNN(TransitionStack):
+    """Stacked ``LinearRNNLayer``s with torch's RNN signature (batch_first only).
+
+    ``forward(x, state) -> (outputs, state)``: outputs ``(batch, time, hidden_size)``, state the
+    last ``h`` of every layer, ``(num_layers, batch, hidden_size)``.
+    """
+
+    layer_type = LinearRNNLayer
 
     @property
     def eval_chunk_len(self) -> int:
