@@ -1,7 +1,8 @@
 """``python -m parity_lab.analyze RUN_DIR``: the automaton a trained network implements.
 
-Runs the model on random strings and records its full recurrent state after every bit (for an
-LSTM both ``h`` and ``c``); clusters the states with k-means; reads off the transitions on 0 and 1
+Runs the model on random strings and records its recurrent state after every bit (for an LSTM
+both ``h`` and ``c``; a core may narrow it with an ``analysis_state`` method, as the sLSTM does
+to ``h`` and ``c / n``); clusters the states with k-means; reads off the transitions on 0 and 1
 by majority vote and each cluster's output by the network's majority prediction; and minimises
 that automaton (Moore partition refinement). ``k`` grows from 1 until the minimal automaton
 predicts what the network predicts at 99% of positions (the fidelity criterion of automaton
@@ -87,6 +88,14 @@ def state_vector(state: Any) -> torch.Tensor:
     return state.transpose(0, 1).flatten(1)
 
 
+def analysis_vector(model: ParityRNN, state: Any) -> torch.Tensor:
+    """The part of a state that analysis clusters, as ``(batch, features)``: what the core's
+    ``analysis_state(state)`` returns where it has one (the sLSTM: ``h`` and ``c / n``, without
+    the normaliser's scale, which grows with the string), else the whole state."""
+    select = getattr(model.rnn, "analysis_state", None)
+    return state_vector(state if select is None else select(state))
+
+
 @torch.no_grad()
 def collect_states(
     model: ParityRNN, bits: torch.Tensor, encoding: str
@@ -96,7 +105,7 @@ def collect_states(
     states, logits, state = [], [], None
     for t in range(bits.shape[1]):
         logit, state = model.run(encode(bits[:, t : t + 1], full, encoding), state)
-        states.append(state_vector(state))
+        states.append(analysis_vector(model, state))
         logits.append(logit[:, 0])
     return torch.stack(states, dim=1), torch.stack(logits, dim=1)
 
@@ -330,7 +339,7 @@ def drift(
             logits, state = model.run(encode(bits, sizes, encoding), state)
             position += size
         margin = logits[:, -1] * (2 * parity[:, 0] - 1)
-        distance = torch.cdist(state_vector(state), centres).min(dim=1).values
+        distance = torch.cdist(analysis_vector(model, state), centres).min(dim=1).values
         rows.append(
             {
                 "length": length,

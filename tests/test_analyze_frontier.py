@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from parity_lab import analyze
 from parity_lab.data import key_generator
-from parity_lab.models import LinearRNN, ParityRNN
+from parity_lab.models import SLSTM, LinearRNN, ParityRNN
 from parity_lab.models.handset import handset_linear_rnn, handset_lstm
 from tests.conftest import CONF, compose_config, event_tags
 
@@ -117,3 +117,45 @@ def test_automaton_extraction_runs_on_every_recurrent_family(name: str) -> None:
     result, states, bits = analyze.analyze(model, num_strings=16, length=8, max_clusters=3)
     assert states.shape[:2] == bits.shape == (16, 8)
     assert 1 <= result.clusters <= 3 and 0.0 <= result.agreement <= 1.0
+
+
+def handset_slstm_with_counters() -> ParityRNN:
+    """An sLSTM that computes parity exactly in unit 0, beside units 1-3 that the head ignores
+    and that only count: their forget gates are 1 and input gates constant, so their ``n`` and
+    ``c`` grow by 1 and ``tanh(1/2)`` every bit, as the normalisers of trained sLSTMs grow with
+    the string.
+
+    Unit 0 holds ``h = c / n = +1`` on odd parity, ``-1`` on even. On a 1 its forget gate is 0
+    and its input gate 1 (``c`` becomes the candidate, ``n`` 1); on a 0 its forget gate is 1 and
+    its input gate ``exp(-K)``, 0 in float32 (keep), except on a leading run of 0s, where the
+    stabiliser opens every input gate and ``c / n`` is the mean of the candidates. The candidate
+    ``tanh(G (1.5 x - 0.75 h - 1))`` is ``+1`` on a 1 from ``h`` in ``{-1, 0}``, ``-1`` on a 1
+    from ``h = +1``, and ``-1`` on a 0 from ``h`` in ``{-1, 0}``: so that mean is ``-1`` too."""
+    k, g, hidden = 120.0, 100.0, 4  # saturated: gates and candidate are exactly 0, +-1
+    model = ParityRNN(SLSTM, input_size=1, hidden_size=hidden)
+    i, f, z, o = (slice(gate * hidden, (gate + 1) * hidden) for gate in range(4))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        w_ih, w_hh, b_ih = model.rnn.weight_ih_l0, model.rnn.weight_hh_l0, model.rnn.bias_ih_l0
+        w_ih[i.start, 0], b_ih[i.start] = k, -k  # unit 0: i~ = K (x - 1); counters: i~ = 0
+        w_ih[f.start, 0], b_ih[f] = -2 * k, k  # unit 0: f~ = K (1 - 2x); counters: f~ = K
+        w_ih[z.start, 0], w_hh[z.start, 0], b_ih[z.start] = 1.5 * g, -0.75 * g, -g
+        b_ih[z.start + 1 : z.stop] = 0.5  # the counters' candidate: tanh(1/2) at every bit
+        b_ih[o] = k  # output gates 1
+        model.head.weight[0, 0] = 1.0  # logit = h of unit 0
+    return model
+
+
+def test_analyze_clusters_the_slstms_normalised_memory_not_its_growing_normaliser() -> None:
+    """The counters' ``n`` and ``c`` grow with the string: clustered whole (16 states, 61%
+    agreement before ``SLSTM.analysis_state``), the states fall into bands of length. ``h`` and
+    ``c / n``, all that the output sees, take two values: the 2-state parity automaton."""
+    model = handset_slstm_with_counters()
+    bits = random_bits(64, 40)
+    _, logits = analyze.collect_states(model, bits, "bit")
+    assert torch.equal((logits > 0).long(), bits.cumsum(dim=1).remainder(2))  # solved
+    result, states, _ = analyze.analyze(model, num_strings=64, length=40)
+    assert result.automaton.num_states == 2 and result.automaton.is_parity()
+    assert result.agreement == 1.0
+    assert states.shape[2] == 8  # h and c / n of 4 units

@@ -53,3 +53,12 @@ class SLSTM(ManualRecurrent):
         n = f * n + i
         h = torch.sigmoid(o_raw) * c / n
         return h, (h, c, n, m_new)
+
+    def analysis_state(self, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The part of the state that ``parity_lab.analyze`` clusters: ``h`` and the normalised
+        memory ``c / n``, all that the output reads. ``c`` and ``n`` enter it only through their
+        ratio; their common scale (``n``, with ``m``) only weighs the next input against the
+        past, and it grows with the string where the forget gate is near 1, so clustered whole
+        the states of one automaton state spread into bands of length."""
+        h, c, n, _ = state
+        return h, c / n
