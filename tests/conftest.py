@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
 
@@ -58,3 +59,13 @@ def scalar_series(run_dir: Path, tag: str) -> list[tuple[int, float]]:
         if tag in accumulator.Tags()["scalars"]:
             series += [(event.step, event.value) for event in accumulator.Scalars(tag)]
     return series
+
+
+def save_as_run(run_dir: Path, cfg: DictConfig, model: nn.Module) -> None:
+    """Write ``model`` as a run of ``cfg`` in ``run_dir``: Hydra's config record and a Lightning
+    checkpoint, as training leaves them (for predict and analyze)."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    (run_dir / "checkpoints").mkdir()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 0}, run_dir / "checkpoints" / "last.ckpt")

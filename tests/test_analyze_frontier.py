@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from parity_lab import analyze
 from parity_lab.data import key_generator
 from parity_lab.models import SLSTM, LinearRNN, ParityRNN
 from parity_lab.models.handset import handset_linear_rnn, handset_lstm
-from tests.conftest import CONF, compose_config, event_tags
+from tests.conftest import CONF, compose_config, event_tags, save_as_run
 
 
 def random_bits(num: int = 32, length: int = 20) -> torch.Tensor:
@@ -86,11 +85,7 @@ def test_analyze_command_shows_transitions_of_a_linear_rnn_run(
     make_config, tmp_path: Path, capsys
 ) -> None:
     cfg = make_config("model=linear_rnn_signed", "model.hidden_size=1")
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
-    (tmp_path / "checkpoints").mkdir()
-    state = {f"model.{k}": v for k, v in handset_linear_rnn().state_dict().items()}
-    torch.save({"state_dict": state, "global_step": 0}, tmp_path / "checkpoints" / "last.ckpt")
+    save_as_run(tmp_path, cfg, handset_linear_rnn())
 
     analyze.main([str(tmp_path), "--strings", "32"])
     printed = capsys.readouterr().out

@@ -34,16 +34,23 @@ def gradients(core: torch.nn.Module, x: torch.Tensor, state: torch.Tensor | tupl
 @pytest.mark.parametrize(("manual", "builtin"), TWINS)
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_manual_gradients_equal_builtin_gradients(manual, builtin, num_layers: int) -> None:
+    assert_builtin_gradients(manual, builtin, num_layers)
+
+
+def assert_builtin_gradients(cell_type, builtin, num_layers: int) -> torch.nn.Module:
+    """A ``cell_type`` core holding ``builtin``'s weights gives its gradients (float64); returns
+    the core."""
     torch.manual_seed(0)
     reference = builtin(2, 5, num_layers, batch_first=True).double()
-    twin = manual(2, 5, num_layers, batch_first=True).double()
-    twin.load_state_dict(reference.state_dict())
+    cell = cell_type(2, 5, num_layers, batch_first=True).double()
+    cell.load_state_dict(reference.state_dict())
     x = torch.randn(7, 11, 2, dtype=torch.float64, requires_grad=True)
-    state = initial_state(twin, num_layers, 7)
-    expected, actual = gradients(reference, x, state), gradients(twin, x, state)
+    state = initial_state(cell, num_layers, 7)
+    expected, actual = gradients(reference, x, state), gradients(cell, x, state)
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], msg=name)
+    return cell
 
 
 @pytest.mark.parametrize("manual", [m for m, _ in TWINS])
@@ -146,15 +153,7 @@ def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path) -> None:
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_derived_backward_gives_builtin_gradients(step_only, builtin, num_layers: int) -> None:
     """A cell with only ``step`` trains through a backward traced from it: torch's gradients."""
-    torch.manual_seed(0)
-    reference = builtin(2, 5, num_layers, batch_first=True).double()
-    cell = step_only(2, 5, num_layers, batch_first=True).double()
-    cell.load_state_dict(reference.state_dict())
-    x = torch.randn(7, 11, 2, dtype=torch.float64, requires_grad=True)
-    state = initial_state(cell, num_layers, 7)
-    expected, actual = gradients(reference, x, state), gradients(cell, x, state)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], msg=name)
+    cell = assert_builtin_gradients(step_only, builtin, num_layers)
     derived = [d for d in manual._derived[cell].values()]
     assert len(derived) == 1  # one trace per input signature, shared by the layers
     assert all(d is not None and d.deferred for d in derived)  # weight gradients in one matmul

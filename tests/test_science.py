@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from parity_lab import analyze
 from parity_lab.config import ConfigError, validate
@@ -18,7 +17,7 @@ from parity_lab.evaluate import accuracy_at_length, accuracy_by_length, curve_le
 from parity_lab.models import ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn
 from parity_lab.train import train
-from tests.conftest import event_tags, scalar_series
+from tests.conftest import event_tags, save_as_run, scalar_series
 
 HANDSET = [handset_lstm, handset_gru, handset_rnn]
 
@@ -166,11 +165,7 @@ def test_analyze_command_on_a_run_dir(make_config, tmp_path: Path, capsys) -> No
     """The command rebuilds a run from its config and Lightning checkpoint (here the hand-set
     LSTM saved as a run) and writes the automaton, a png and a TensorBoard image."""
     cfg = make_config("model=lstm", "model.hidden_size=1")
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
-    (tmp_path / "checkpoints").mkdir()
-    state = {f"model.{k}": v for k, v in handset_lstm().state_dict().items()}
-    torch.save({"state_dict": state, "global_step": 0}, tmp_path / "checkpoints" / "last.ckpt")
+    save_as_run(tmp_path, cfg, handset_lstm())
 
     result = analyze.main([str(tmp_path), "--strings", "32"])
     assert result.automaton.num_states == 2 and result.automaton.is_parity()
@@ -187,13 +182,9 @@ def test_analyze_says_first_that_an_unsolved_run_is_unsolved(
     """An untrained network is not parity: the first line says so, and no probe claims that it
     holds the parity of any prefix."""
     cfg = make_config("model=lstm", "model.hidden_size=4")
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
-    (tmp_path / "checkpoints").mkdir()
     torch.manual_seed(0)
     untrained = ParityRNN(torch.nn.LSTM, input_size=1, hidden_size=4)
-    state = {f"model.{k}": v for k, v in untrained.state_dict().items()}
-    torch.save({"state_dict": state, "global_step": 0}, tmp_path / "checkpoints" / "last.ckpt")
+    save_as_run(tmp_path, cfg, untrained)
     (tmp_path / "metrics.json").write_text(json.dumps({"val/acc": 0.5, "solved": False}))
 
     analyze.main([str(tmp_path), "--strings", "32", "--max-clusters", "4"])

@@ -41,22 +41,21 @@ def test_every_step_pair_encoding_fixed_set_runs(make_config, tmp_path: Path) ->
     assert metrics["global_step"] == 6  # 2 epochs of ceil(40 / 16) batches
 
 
-def progress_bar_text(capsys: pytest.CaptureFixture) -> str:
-    """Everything the progress bar drew, one redraw per line."""
+def progress_bar_text(
+    make_config, tmp_path: Path, capsys: pytest.CaptureFixture, *overrides: str
+) -> str:
+    """Everything the progress bar drew in a run with ``overrides``, one redraw per line."""
+    train(make_config("trainer.enable_progress_bar=true", *overrides), run_dir=tmp_path)
     return capsys.readouterr().out.replace("\r", "\n")
 
 
 def test_progress_bar_counts_steps_without_a_total_when_the_run_stops_once_solved(
     make_config, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    cfg = make_config(
-        "trainer.enable_progress_bar=true",
-        "trainer.max_steps=30",
-        "trainer.val_check_interval=10",
-        "model.hidden_size=2",
-    )
-    train(cfg, run_dir=tmp_path)
-    out = progress_bar_text(capsys)
+    out = progress_bar_text(
+        make_config, tmp_path, capsys,
+        "trainer.max_steps=30", "trainer.val_check_interval=10", "model.hidden_size=2",
+    )  # fmt: skip
     assert "Training: 30 steps [" in out and "val/acc=" in out and "train/loss=" in out
     assert "/30" not in out and "<" not in out.split("Training:")[-1]  # no total, no ETA
     assert "LSTM hidden=2 (43 parameters)" in out  # 4 gates x 2 x (1 + 2) + 2 x 8 biases + 3
@@ -65,15 +64,10 @@ def test_progress_bar_counts_steps_without_a_total_when_the_run_stops_once_solve
 def test_progress_bar_total_is_the_epoch_on_a_fixed_training_set(
     make_config, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    cfg = make_config(
-        "trainer.enable_progress_bar=true",
-        "data.num_train=40",
-        "data.batch_size=16",
-        "trainer.max_steps=-1",
-        "trainer.max_epochs=2",
-    )
-    train(cfg, run_dir=tmp_path)
-    out = progress_bar_text(capsys)
+    out = progress_bar_text(
+        make_config, tmp_path, capsys,
+        "data.num_train=40", "data.batch_size=16", "trainer.max_steps=-1", "trainer.max_epochs=2",
+    )  # fmt: skip
     assert "Epoch 1: 100%" in out and "3/3 [" in out  # ceil(40 / 16) batches per epoch
     assert "/?" not in out
 

@@ -124,19 +124,37 @@ def lstm_inference(
     c0: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Outputs (T,B,H) and final (h, c) of one layer from ``x_proj = W_ih x + b_ih`` (T,B,4H)."""
+    h, c, _, _ = lstm_forward(x_proj, weight_hh, bias_hh, h0, c0, record=False)
+    steps = x_proj.shape[0]
+    return h[1:], h[steps].clone(), c[steps % 2].clone()
+
+
+def lstm_forward(
+    x_proj: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_hh: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    record: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The kernel's forward: ``h`` (T+1,B,H) from ``h[0] = h0``, and ``c``, either every step's
+    (T+1,B,H) with the gate activations and ``tanh(c)`` that the backward needs (``record``), or
+    only two alternating rows (the last is ``c[T % 2]``) and None, None."""
     steps, batch, gates = x_proj.shape
     hidden = gates // 4
     h = x_proj.new_empty(steps + 1, batch, hidden)
-    c = x_proj.new_empty(2, batch, hidden)
+    c = x_proj.new_empty(steps + 1 if record else 2, batch, hidden)
+    act = x_proj.new_empty(steps, batch, gates) if record else None
+    tanh_c = x_proj.new_empty(steps, batch, hidden) if record else None
     h[0], c[0] = h0, c0
     # the C call reads raw addresses: every tensor it reads must stay referenced until it returns
     weight_hh_t, bias_hh = weight_hh.t().contiguous(), bias_hh.contiguous()
     x_proj = x_proj if x_proj.stride(-1) == 1 else x_proj.contiguous()
     load("lstm", hidden).lstm_forward(
         steps, batch, pointer(x_proj), x_proj.stride(0), x_proj.stride(1), pointer(bias_hh),
-        pointer(weight_hh_t), pointer(h), pointer(c), None, None,
+        pointer(weight_hh_t), pointer(h), pointer(c), pointer(act), pointer(tanh_c),
     )  # fmt: skip
-    return h[1:], h[steps].clone(), c[steps % 2].clone()
+    return h, c, act, tanh_c
 
 
 def lstm_training(
@@ -163,19 +181,8 @@ class FusedLSTM(torch.autograd.Function):
         h0: torch.Tensor,
         c0: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        steps, batch, gates = x_proj.shape
-        hidden = gates // 4
-        h = x_proj.new_empty(steps + 1, batch, hidden)
-        c = x_proj.new_empty(steps + 1, batch, hidden)
-        act = x_proj.new_empty(steps, batch, gates)
-        tanh_c = x_proj.new_empty(steps, batch, hidden)
-        h[0], c[0] = h0, c0
-        weight_hh_t, bias_hh = weight_hh.t().contiguous(), bias_hh.contiguous()
-        x_proj = x_proj if x_proj.stride(-1) == 1 else x_proj.contiguous()
-        load("lstm", hidden).lstm_forward(
-            steps, batch, pointer(x_proj), x_proj.stride(0), x_proj.stride(1), pointer(bias_hh),
-            pointer(weight_hh_t), pointer(h), pointer(c), pointer(act), pointer(tanh_c),
-        )  # fmt: skip
+        h, c, act, tanh_c = lstm_forward(x_proj, weight_hh, bias_hh, h0, c0, record=True)
+        steps = x_proj.shape[0]
         ctx.save_for_backward(weight_hh, h, c, act, tanh_c)
         return h[1:], h[steps].clone(), c[steps].clone()
 
