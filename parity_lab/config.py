@@ -23,9 +23,9 @@ from parity_lab import (
 )
 from parity_lab.run_files import (
     CorruptResultError,
-    UnsafeConfigError,
-    checked_config,
+    RunFileError,
     read_metrics,
+    read_run_config,
 )
 
 SUPERVISIONS = ("final", "every_step")
@@ -57,19 +57,14 @@ def resumable_run(run_dir: str) -> Path:
 def resume_config(run_dir: str) -> DictConfig:
     """The config an unfinished run was started with, set to resume it in its own directory.
 
-    It builds nothing but the project's own classes: any other ``_target_`` is refused.
+    It is resolved once and checked: it builds nothing but the project's own classes (any other
+    ``_target_`` is refused), and holds those plain values only, no interpolation.
     """
     config_path = resumable_run(run_dir) / ".hydra" / "config.yaml"
     try:
-        cfg = OmegaConf.load(config_path)
-        checked_config(cfg, config_path)
-    except UnsafeConfigError as error:
+        cfg = read_run_config(config_path)
+    except RunFileError as error:
         raise ConfigError(str(error)) from None
-    except Exception as error:
-        reason = " ".join(str(error).split())[:200]
-        raise ConfigError(f"{config_path}: not a run config ({reason})") from None
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{config_path}: not a run config (expected a mapping)")
     cfg.resume = literal(run_dir)
     return cfg
 
@@ -109,8 +104,9 @@ def _choice(cfg: DictConfig, key: str, allowed: Iterable[str]) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: allowed values are {list(allowed)}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` for the first config value that cannot work."""
+def validate(cfg: DictConfig, for_training: bool = True) -> None:
+    """Raise ``ConfigError`` for the first config value that cannot work. ``for_training=False``
+    (a finished run read back by predict or analyze) skips the memory check and ``resume``."""
     _int(cfg, "seed", 0, maximum=2**32 - 1)  # numpy's seed range, which Lightning seeds too
     _int(cfg, "model.hidden_size", 1)
     _int(cfg, "model.num_layers", 1)
@@ -200,10 +196,15 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "trainer.log_every_n_steps", 1)
     _int(cfg, "trainer.val_check_interval", 1)  # in training steps
     lengths = _value(cfg, "eval.lengths")
-    if not OmegaConf.is_list(lengths) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths
+    if (
+        not OmegaConf.is_list(lengths)
+        or not lengths
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lengths)
     ):
-        raise ConfigError(f"eval.lengths={lengths} is invalid: expected a list of integers >= 1")
+        raise ConfigError(
+            f"eval.lengths={lengths} is invalid: expected a non-empty list of integers >= 1 "
+            "(a run counts as solved only when it is exact at these held-out lengths)"
+        )
     _int(cfg, "eval.num_val", 1)
     _int(cfg, "eval.num_test", 1)
     for key in ("eval.stop_when_solved", "eval.curve.only_solved"):
@@ -224,6 +225,8 @@ def validate(cfg: DictConfig) -> None:
         _int(cfg, f"eval.curve.{key}", 1)
     _int(cfg, "eval.curve.chunk_len", 1, optional=True)
     _int(cfg, "num_threads", 1)
+    if not for_training:
+        return
     check_memory(cfg)
     if cfg.resume is not None:
         resumable_run(str(cfg.resume))
@@ -232,6 +235,11 @@ def validate(cfg: DictConfig) -> None:
 # Gates of the dense recurrent cores (torch's and their Manual* twins): each gate has an input and a
 # recurrent weight matrix. Any other core is estimated by a lower bound (its head's weights only).
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+# Cores whose state is a hidden_size x hidden_size matrix per layer and row: every step of
+# training keeps about MATRIX_COPIES such matrices for the backward (the memory, its decayed
+# copy, the rank-one write), and evaluation holds as many at a time.
+MATRIX_MEMORY = ("MLSTM", "DeltaNet")
+MATRIX_COPIES = 3
 
 
 def physical_memory() -> int:
@@ -248,18 +256,27 @@ def check_memory(cfg: DictConfig) -> None:
     gates = dense_gates or 1
     inputs = ENCODING_SIZES[cfg.data.encoding]
     weights = gates * hidden * (inputs + hidden + 2) * layers if dense_gates else hidden
+    # per row and step: the floats of the state that backward keeps (vector: ~gates x hidden)
+    state = gates * hidden
+    matrix = core.rsplit(".", 1)[-1] in MATRIX_MEMORY
+    if matrix:
+        weights = hidden * (4 * inputs + hidden + 6) * layers  # in and out projections
+        state = MATRIX_COPIES * hidden * hidden
     # fp32 weights, gradients and two Adam moments; one batch's activations kept for backward
-    training = 16 * weights + 4 * cfg.data.batch_size * cfg.data.max_len * hidden * gates * layers
+    training = 16 * weights + 4 * cfg.data.batch_size * cfg.data.max_len * state * layers
     # every evaluation set at once (bits, targets, inputs), and one batch's outputs of the core
     lengths = list(cfg.eval.lengths)
     evaluation = (
         25 * cfg.eval.num_test * sum(lengths)
         + 4 * min(cfg.eval.num_test, 1024) * max(lengths, default=0) * hidden * layers
     )
+    if matrix:  # one batch's matrices, a step at a time
+        evaluation += 4 * min(cfg.eval.num_test, 1024) * state * layers
     available = physical_memory()
     for key, value, needed, what in (
         ("model.hidden_size", hidden, training, "training (weights, gradients, Adam state and "
-         "one batch's activations)"),
+         "one batch's activations" + (", a hidden_size^2 memory per row and step)" if matrix
+         else ")")),
         ("eval.lengths", lengths, evaluation, f"evaluating {cfg.eval.num_test} strings of each "
          "length (eval.curve.max_len measures long strings in chunks)"),
     ):  # fmt: skip

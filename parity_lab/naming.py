@@ -138,7 +138,14 @@ def sweep_value_counts(params: dict[str, Any], overrides: Sequence[str]) -> dict
 def directory_overrides(argv: list[str]) -> list[str]:
     """``argv`` checked and completed for directory names before Hydra starts: a bad ``name=``
     raises ``ConfigError``; a multirun gets the overrides of ``constant_overrides``."""
-    for override in _parse(arg for arg in argv[1:] if arg.lstrip("+").startswith("name=")):
+    for arg in argv[1:]:
+        if not arg.lstrip("+").startswith("name="):
+            continue
+        try:
+            (override,) = _parse([arg])
+        except Exception:  # Hydra's lexer refuses it (say, a non-ASCII letter): the same rule
+            checked_name(arg.split("=", 1)[1])
+            continue
         if not override.is_sweep_override() and override.value() is not None:
             checked_name(override.value())
     return constant_overrides(argv)

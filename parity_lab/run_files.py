@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,26 +34,94 @@ class CorruptResultError(RunFileError):
     """A result file that exists but cannot be read as one."""
 
 
+class ResultWriteError(OSError):
+    """A result file that could not be written (a full disk): the message names the file and the
+    error, on one line. An ``OSError``, so callers that expect one still catch it."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(error.errno, f"{path}: cannot be written ({error.strerror or error})")
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class RunInUseError(RunFileError):
+    """Another process holds the run directory's lock: one writer per run."""
+
+
+MAX_RUN_YAML = 1 << 20  # bytes: a run's config files are a few kB
+
+
+def read_run_yaml(path: Path, what: str = "run file") -> Any:
+    """A YAML file of a run directory as an OmegaConf node, refusing anchors and aliases (a few
+    kB of aliases expand into gigabytes: a "billion laughs") and files over ``MAX_RUN_YAML``
+    bytes, before anything builds the node. ``RunFileError`` names the file and the reason."""
+    import yaml
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_RUN_YAML:
+            raise RunFileError(f"{path}: more than {MAX_RUN_YAML:,} bytes: not a run's file")
+        text = path.read_text()
+        for token in yaml.scan(text):  # the scanner reads tokens; it expands nothing
+            if isinstance(token, yaml.AnchorToken | yaml.AliasToken):
+                line = token.start_mark.line + 1
+                raise RunFileError(
+                    f"{path}: refusing a YAML anchor or alias (line {line}): run files hold "
+                    "plain values (aliases can expand a small file into a huge one)"
+                )
+        return OmegaConf.create(text)
+    except RunFileError:
+        raise
+    except Exception as error:
+        raise RunFileError(f"{path}: not a {what} ({first_line(error)})") from None
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message on one short line (``load_state_dict``'s runs over many)."""
     text = " ".join(str(error).split())
     return (text if len(text) <= 200 else text[:200] + "...") or error.__class__.__name__
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it, and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; it replaces ``path`` only once the block
-    ends without error, so a reader (or a crash, or a full disk) never sees half a file."""
+    ends without error, so a reader (or a crash, or a full disk) never sees half a file.
+
+    The file gets the mode any new file gets (0666 less the umask), not ``mkstemp``'s 0600. A
+    ``path`` that is a symbolic link is refused (``RunFileError``): nothing writes through a link.
+    A failed write raises ``ResultWriteError`` naming ``path``.
+    """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix
-    )
-    os.close(handle)
+    if path.is_symlink():
+        raise RunFileError(f"{path}: is a symbolic link: refusing to write through it")
+    try:
+        handle, temporary = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix
+        )
+    except OSError as error:
+        raise ResultWriteError(path, error) from error
+    try:
+        os.fchmod(handle, 0o666 & ~current_umask())
+    finally:
+        os.close(handle)
     try:
         yield Path(temporary)
         with open(temporary, "rb") as written:  # on disk before the rename makes it visible
             os.fsync(written.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if isinstance(error, ResultWriteError):
+            raise
+        raise ResultWriteError(path, error) from error
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -91,6 +160,94 @@ def read_metrics(path: Path) -> dict[str, Any]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def refuse_links(directory: Path) -> None:
+    """``RunFileError`` naming the first symbolic link inside ``directory`` (at any depth; the
+    directory itself may be one): a command that writes into a run directory checks it first, so
+    that no result, checkpoint or log is written through a link to somewhere else."""
+    directory = Path(directory)
+    for root, dirs, files in os.walk(directory):  # os.walk does not descend into links
+        for name in sorted([*dirs, *files]):
+            if os.path.islink(os.path.join(root, name)):
+                link = Path(root) / name
+                raise RunFileError(
+                    f"{link}: is a symbolic link inside the run directory {directory}: refusing "
+                    "to write there (replace it by a real file or directory)"
+                )
+
+
+LOCK_NAME = ".lock"
+_held_locks: dict[str, tuple[int, int]] = {}  # run dir -> (file descriptor, holders here)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN_DIR/.lock`` (``fcntl.flock``) while the block runs: one writer per run
+    directory, whatever process or launcher runs it. Re-entrant within a process; another process
+    gets ``RunInUseError`` naming the process that holds it. The kernel releases the lock when
+    the holder exits, however it exits."""
+    import fcntl
+
+    key = os.path.realpath(run_dir)
+    if key in _held_locks:
+        handle, count = _held_locks[key]
+        _held_locks[key] = (handle, count + 1)
+    else:
+        path = Path(run_dir) / LOCK_NAME
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            raise RunFileError(f"{path}: cannot be opened ({error.strerror})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(handle)
+            raise RunInUseError(
+                f"{run_dir}: in use by process {holder} (it holds {path}); one process writes a "
+                "run at a time: wait for it to end, or stop it"
+            ) from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+        _held_locks[key] = (handle, 1)
+    try:
+        yield
+    finally:
+        handle, count = _held_locks[key]
+        if count > 1:
+            _held_locks[key] = (handle, count - 1)
+        else:
+            del _held_locks[key]
+            os.close(handle)  # releases the lock
+
+
+def check_checkpoint_archive(path: Path, tensor_bytes: int) -> None:
+    """``RunFileError`` unless the checkpoint at ``path`` is a torch zip archive of stored
+    (uncompressed) entries whose sizes add up to at most what a checkpoint of a model with
+    ``tensor_bytes`` bytes of weights holds (weights, two Adam moments, a margin): checked in
+    the archive's directory, before any tensor is read, so a small file cannot inflate into a
+    large one in memory."""
+    import zipfile
+
+    allowed = 4 * tensor_bytes + (4 << 20)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (OSError, zipfile.BadZipFile) as error:
+        raise RunFileError(f"{path}: not a readable checkpoint ({first_line(error)})") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise RunFileError(
+                f"{path}: refusing the compressed entry {entry.filename!r}: torch writes "
+                "checkpoints uncompressed, and a compressed one can inflate far beyond its size"
+            )
+    total = sum(entry.file_size for entry in entries)
+    if total > allowed:
+        raise RunFileError(
+            f"{path}: holds {total:,} bytes, more than the {allowed:,} a checkpoint of the run's "
+            f"model ({tensor_bytes:,} bytes of weights) needs: refusing to load it"
+        )
 
 
 @cache
@@ -143,6 +300,44 @@ def _is_model_class(target: str) -> bool:
     )
 
 
+def allowed_target(group: str, target: Any) -> bool:
+    """Whether a run's config may build ``target`` under its top-level key ``group``: one of
+    the project's own ``conf/<group>/`` targets, or a model class of ``parity_lab.models``.
+    The one place to extend what a run directory may name."""
+    return isinstance(target, str) and (
+        target in project_targets().get(group, ())
+        or (group == "model" and _is_model_class(target))
+    )
+
+
+def literal_values(node: Any) -> Any:
+    """A plain container with every string's ``${`` escaped, so that an OmegaConf node made of
+    it resolves to exactly these values: nothing in it is an interpolation any more."""
+    if isinstance(node, dict):
+        return {key: literal_values(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [literal_values(value) for value in node]
+    if isinstance(node, str) and "${" in node:
+        return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", node)
+    return node
+
+
+def built_config(plain: dict[str, Any]) -> DictConfig:
+    """The DictConfig that builds exactly ``plain`` (checked values): no interpolation left."""
+    cfg = OmegaConf.create(literal_values(plain))
+    assert OmegaConf.to_container(cfg, resolve=True) == plain  # the values checked are built
+    return cfg
+
+
+def read_run_config(path: Path) -> DictConfig:
+    """A run's ``.hydra/config.yaml``, resolved once, checked (``checked_config``) and returned
+    as a config of exactly those plain values: what is checked is what gets built."""
+    cfg = read_run_yaml(path, "run config")
+    if not isinstance(cfg, DictConfig):
+        raise RunFileError(f"{path}: not a run config (expected a mapping)")
+    return built_config(checked_config(cfg, path))
+
+
 def checked_config(cfg: DictConfig | ListConfig, source: Path, key: str = "") -> Any:
     """``cfg`` resolved to plain values, once every ``_target_`` in it, at any depth, is one the
     project's own ``conf/<group>/`` files name (or a model class of ``parity_lab.models``);
@@ -153,13 +348,10 @@ def checked_config(cfg: DictConfig | ListConfig, source: Path, key: str = "") ->
         plain = OmegaConf.to_container(cfg, resolve=True)
     except Exception as error:
         raise UnsafeConfigError(f"{source}: cannot read {key or 'the config'}: {error}") from None
-    allowed = project_targets()
     prefix = (key,) if key else ()
     for key_path, target in _targets(plain, prefix):
         group = str(key_path[0]) if key_path else ""
-        if isinstance(target, str) and (
-            target in allowed.get(group, ()) or (group == "model" and _is_model_class(target))
-        ):
+        if allowed_target(group, target):
             continue
         where = ".".join(map(str, (*key_path, "_target_")))
         raise UnsafeConfigError(
