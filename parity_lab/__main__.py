@@ -20,7 +20,15 @@ from omegaconf import DictConfig
 
 from parity_lab.config import ConfigError, literal, resume_config
 from parity_lab.naming import CONFIG_DIR, directory_overrides
-from parity_lab.run_files import RunFileError, read_metrics, write_atomic
+from parity_lab.run_files import (
+    RunFileError,
+    RunInUseError,
+    hold_run_lock,
+    read_metrics,
+    release_run_lock,
+    run_lock,
+    write_atomic,
+)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -83,6 +91,13 @@ def run(cfg: DictConfig) -> float:
     if cfg.resume is None and requeued(run_dir):
         cfg.resume = literal(str(run_dir))  # its config: the one Hydra just composed again
     try:
+        hold_run_lock(run_dir)  # one writer per run directory
+    except RunInUseError as error:  # another process's run: write nothing into it
+        if not in_sweep:
+            sys.exit(str(error))
+        print(f"job {hydra_cfg.job.num} not run: {error}", file=sys.stderr)
+        return math.nan
+    try:
         if cfg.resume is not None:
             cfg = resume_config(cfg.resume)
         return float(train(cfg, run_dir)["val/acc"])
@@ -102,13 +117,23 @@ def run(cfg: DictConfig) -> float:
             sys.exit(f"config error: {error}")
         if isinstance(error, RunFileError) and not in_sweep:
             sys.exit(str(error))
-        write_atomic(run_dir / "error.txt", traceback.format_exc())
+        note = ""
+        try:
+            write_atomic(run_dir / "error.txt", traceback.format_exc())
+        except (OSError, RunFileError) as unwritten:  # the full disk may refuse this one too
+            note = f"; error.txt not written either ({unwritten})"
+        if isinstance(error, OSError) and not in_sweep:  # a full disk: the file and the error
+            sys.exit(f"run stopped: {error}{note}")
+        if note:
+            print(note.removeprefix("; "), file=sys.stderr)
         if in_sweep:
             print(f"job {hydra_cfg.job.num} failed: {error} ({run_dir})", file=sys.stderr)
             return math.nan
         if isinstance(error, NonFiniteLossError):
             sys.exit(f"training stopped: {error}")
         raise
+    finally:  # a sweep's next job in this process (basic launcher) needs no lock of this one
+        release_run_lock(run_dir)
 
 
 RESUME = re.compile(r"\+{0,2}resume=(.*)", re.DOTALL)
@@ -134,6 +159,8 @@ def resume_in_place(argv: list[str]) -> list[str]:
         return argv
     run_dir = resumes[-1][1]
     resume_config(run_dir)  # an unfinished run whose config builds only the project's classes
+    with run_lock(run_dir):  # no other process writes it (else Hydra would log into it)
+        pass
     others = [
         arg
         for i, arg in enumerate(argv[1:], 1)
@@ -180,6 +207,21 @@ def check_group_choices(argv: list[str]) -> None:
                 raise ConfigError(f"{match[1]}={choice!r} is invalid: allowed values are {options}")
 
 
+RUN_FILES = (".hydra", "metrics.json", "checkpoints", "error.txt")  # what a run leaves
+
+
+def check_not_a_run(directory: Path, key: str) -> None:
+    """``ConfigError`` when ``directory`` already holds a run: a new run would replace its
+    results, and the old TensorBoard events and analysis would disagree with its config."""
+    found = [name for name in RUN_FILES if (directory / name).exists()]
+    if found:
+        raise ConfigError(
+            f"{key}={str(directory)!r} is invalid: it already holds a run ({', '.join(found)}); "
+            f"choose a new directory, or continue an unfinished run with "
+            f"python -m parity_lab resume={shlex.quote(str(directory))}"
+        )
+
+
 def check_output_dirs(argv: list[str]) -> None:
     """``ConfigError`` when the directory a run or sweep would be written in cannot be written:
     checked on its nearest existing ancestor before Hydra starts, since Hydra creates it first."""
@@ -194,6 +236,9 @@ def check_output_dirs(argv: list[str]) -> None:
             except Exception:
                 return  # Hydra reports a value it cannot parse
             directory = str(value).split("${", 1)[0]  # the part fixed before any ${now:...}
+            resuming = any(RESUME.fullmatch(other) for other in argv[1:])
+            if key == "hydra.run.dir" and "${" not in str(value) and not resuming:
+                check_not_a_run(Path(directory), key)
     existing = Path(directory).absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -213,4 +258,6 @@ if __name__ == "__main__":
         check_output_dirs(sys.argv)
     except ConfigError as error:
         sys.exit(f"config error: {error}")
+    except RunFileError as error:  # a run directory another process is writing
+        sys.exit(str(error))
     main()

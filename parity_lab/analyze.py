@@ -34,7 +34,15 @@ from parity_lab.data import encode, key_generator
 from parity_lab.evaluate import chunk_length
 from parity_lab.models import ParityRNN
 from parity_lab.predict import PredictError, load_run
-from parity_lab.run_files import CorruptResultError, atomic_path, read_metrics, write_atomic
+from parity_lab.run_files import (
+    CorruptResultError,
+    RunFileError,
+    atomic_path,
+    read_metrics,
+    refuse_links,
+    run_lock,
+    write_atomic,
+)
 
 START = -1  # the automaton's start state: the zero state before any bit
 RUNS = [8, 16, 24, 32, 48, 64, 128, 1024]  # runs of zeros after which parity loss is probed
@@ -465,9 +473,10 @@ def report_transitions(found: list[Transitions], out: Path, title: str, run_dir:
                 "half_life": None if math.isinf(half_life) else half_life,  # None: never leaks
             }
         )
-    (out / "transitions.json").write_text(json.dumps(records, indent=2) + "\n")
+    write_atomic(out / "transitions.json", json.dumps(records, indent=2) + "\n")
     figure = plot_transitions(found, title)
-    figure.savefig(out / "transitions.png", dpi=120)
+    with atomic_path(out / "transitions.png") as temporary:
+        figure.savefig(temporary, dpi=120)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run_dir)) as writer:
@@ -516,14 +525,32 @@ def run_status(run_dir: Path, network_accuracy: float) -> tuple[bool, str]:
     return solved, f"{run_dir}: {verdict} ({source}; right at {network_accuracy:.4f} of positions)"
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> Analysis:
-    parser = argparse.ArgumentParser(prog="python -m parity_lab.analyze", description=__doc__)
+    parser = Parser(prog="python -m parity_lab.analyze", description=__doc__)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--strings", type=int, default=256, help="random strings to run")
-    parser.add_argument("--length", type=int, default=None, help="bits each (default max_len)")
-    parser.add_argument("--max-clusters", type=int, default=32)
+    parser.add_argument("--strings", type=positive, default=256, help="random strings to run")
+    parser.add_argument("--length", type=positive, default=None, help="bits each (default max_len)")
+    parser.add_argument("--max-clusters", type=positive, default=32)
     parser.add_argument(
-        "--drift", type=int, default=None, help="also follow streams up to this many bits"
+        "--drift", type=positive, default=None, help="also follow streams up to this many bits"
     )
     args = parser.parse_args(argv)
 
@@ -532,13 +559,29 @@ def main(argv: list[str] | None = None) -> Analysis:
         model, cfg = load_run(args.run_dir)
     except PredictError as error:
         raise SystemExit(f"analyze: {error}") from None
+    if model.max_len is not None:  # the Transformer: its "state" is the input read so far
+        raise SystemExit(
+            f"analyze: {args.run_dir} is a {type(model.rnn).__name__} run: it has no recurrent "
+            "state of fixed size (it re-reads the input so far), so there is no automaton to "
+            f"extract; python -m parity_lab.predict {args.run_dir} BITS answers for it"
+        )
+    try:
+        with run_lock(args.run_dir):
+            return analyze_run(args, model, cfg)
+    except RunFileError as error:
+        raise SystemExit(f"analyze: {error}") from None
+
+
+def analyze_run(args: argparse.Namespace, model: ParityRNN, cfg: Any) -> Analysis:
+    """``main``'s work on a loaded run, holding its lock: analysis/ and the figures."""
+    refuse_links(args.run_dir)  # before the work: nothing is written through a link
     out = args.run_dir / "analysis"
     try:  # before the work: the results go into the run directory
         out.mkdir(exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
         raise SystemExit(f"analyze: {out} cannot be written ({error.strerror})") from None
-    length = args.length or cfg.data.max_len
+    length = args.length if args.length is not None else cfg.data.max_len
     result, states, bits = analyze(
         model, cfg.data.encoding, args.strings, length, args.max_clusters, cfg.seed
     )

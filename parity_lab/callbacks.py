@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from parity_lab.run_files import ResultWriteError, first_line
+
 
 class SolvedTracker(L.Callback):
     """Records the first step at which every ``val/acc*`` metric is 1.0; stops there if asked.
@@ -77,8 +79,12 @@ class LastCheckpoint(Checkpoint):
 
     def save(self, trainer: L.Trainer) -> None:
         partial = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(partial, weights_only=False)
-        os.replace(partial, self.path)
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)
+            os.replace(partial, self.path)
+        except Exception as error:  # a full disk: torch's writer raises RuntimeError, not OSError
+            reason = OSError(getattr(error, "errno", None), first_line(error))
+            raise ResultWriteError(self.path, reason) from error
 
 
 class TrainingProgressBar(TQDMProgressBar):

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from parity_lab.config import ConfigError, validate
 from parity_lab.data import encode
 from parity_lab.evaluate import chunk_length
 from parity_lab.models import ParityRNN
-from parity_lab.run_files import UnsafeConfigError, checked_config, first_line
+from parity_lab.run_files import RunFileError, check_checkpoint_archive, first_line, read_run_config
 
 BIT_STRING = re.compile("[01]+")
 
@@ -49,11 +50,28 @@ def check_readable(model: ParityRNN, strings: list[str]) -> None:
         )
 
 
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers: what its state dict holds."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def non_finite_weight(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    for name, tensor in state_dict.items():
+        floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+        if floating and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
 def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
     """The run's model with the weights of its last checkpoint, and the run's config.
 
-    The model is built only from the classes the project's ``conf/model/`` files name and plain
-    values: a run directory is data, and any other ``_target_`` in it is refused unbuilt.
+    The config is resolved once, checked like a training config, and built as those plain
+    values, only from the classes the project's ``conf/`` files name: a run directory is data,
+    and any other ``_target_`` in it is refused unbuilt. The checkpoint's sizes are checked in
+    its archive before any tensor is read, and weights that are not finite are refused.
     """
     config_path = run_dir / ".hydra" / "config.yaml"
     checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
@@ -62,21 +80,30 @@ def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
     if not checkpoint_path.is_file():
         raise PredictError(f"{checkpoint_path} not found: the run has not saved a checkpoint yet")
     try:
-        cfg = OmegaConf.load(config_path)
-        model_cfg = checked_config(cfg.model, config_path, "model")
-    except UnsafeConfigError as error:
+        cfg = read_run_config(config_path)
+        validate(cfg, for_training=False)
+    except RunFileError as error:
         raise PredictError(str(error)) from None
+    except ConfigError as error:
+        raise PredictError(f"{config_path}: config error: {error}") from None
     except Exception as error:
         raise PredictError(f"{config_path}: not a run config ({first_line(error)})") from None
     try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        model: ParityRNN = instantiate(cfg.model)
+    except Exception as error:
+        raise PredictError(f"{config_path}: cannot build its model ({first_line(error)})") from None
+    try:
+        check_checkpoint_archive(checkpoint_path, tensor_bytes(model))
+    except RunFileError as error:
+        raise PredictError(f"cannot load {error}") from None
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
         state_dict = checkpoint["state_dict"]
     except Exception as error:  # the weights-only unpickler refuses anything but plain data
         raise PredictError(
             f"cannot load {checkpoint_path} as weights only: {first_line(error)}"
         ) from None
     try:
-        model: ParityRNN = instantiate(model_cfg)
         weights = {
             name.removeprefix("model."): tensor
             for name, tensor in state_dict.items()
@@ -87,6 +114,11 @@ def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
         raise PredictError(
             f"{checkpoint_path} does not fit the model of {config_path}: {first_line(error)}"
         ) from None
+    if (name := non_finite_weight(weights)) is not None:
+        raise PredictError(
+            f"{checkpoint_path}: weight {name} is not finite (NaN or infinity): a broken model "
+            "cannot answer"
+        )
     return model.eval(), cfg
 
 

@@ -27,7 +27,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from parity_lab.run_files import CorruptResultError, atomic_path, read_metrics, write_atomic
+from parity_lab.run_files import (
+    CorruptResultError,
+    atomic_path,
+    read_metrics,
+    read_run_yaml,
+    write_atomic,
+)
 
 STATUSES = ("ok", "failed", "corrupt", "unfinished", "missing")
 SEED_KEY = "seed"  # aggregated over, never part of a configuration
@@ -90,16 +96,15 @@ def planned_overrides(sweep_dir: Path) -> list[list[str]] | None:
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
         return None
-    try:
-        hydra_cfg = OmegaConf.load(path).hydra
+    try:  # as text: nothing in a run's files is resolved (an ${oc.env:...} stays as written)
+        hydra_cfg = OmegaConf.to_container(read_run_yaml(path), resolve=False)["hydra"]
+        sweeper, task = hydra_cfg["sweeper"], [str(o) for o in hydra_cfg["overrides"]["task"]]
     except Exception:
         return None
-    if not str(hydra_cfg.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    params = hydra_cfg.sweeper.get("params")
-    params = OmegaConf.to_container(params, resolve=False) if params else {}
     try:
-        return expand_sweep(params, hydra_cfg.overrides.task)
+        return expand_sweep(sweeper.get("params") or {}, task)
     except Exception:  # glob() and the like need the config to expand: list found jobs only
         return None
 
@@ -108,7 +113,8 @@ def _job_num(job_dir: Path) -> int | None:
     """Hydra's ``hydra.job.num`` of a job dir, else the number its name starts with."""
     hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
     with contextlib.suppress(Exception):  # unreadable: the directory name still tells
-        num = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.num")
+        num = OmegaConf.to_container(read_run_yaml(hydra_yaml), resolve=False)["hydra"]["job"]
+        num = num["num"]
         if isinstance(num, int):
             return num
     prefix = job_dir.name.split("_", 1)[0]
@@ -123,8 +129,11 @@ def _last_line(path: Path) -> str:
 def found_job(job_dir: Path) -> Job:
     """A job from its directory: its overrides and, if it finished, its metrics."""
     overrides_yaml = job_dir / ".hydra" / "overrides.yaml"
-    try:
-        overrides = override_dict(str(o) for o in OmegaConf.load(overrides_yaml))
+    try:  # text, as written: never resolved (an ${oc.env:...} would read the environment)
+        written = OmegaConf.to_container(read_run_yaml(overrides_yaml), resolve=False)
+        if not isinstance(written, list):
+            raise ValueError("expected a list of overrides")
+        overrides = override_dict(str(o) for o in written)
     except Exception as error:
         reason = " ".join(str(error).split())[:120]
         return Job(_job_num(job_dir), "corrupt", {}, job_dir, note=f"{overrides_yaml}: {reason}")

@@ -181,45 +181,56 @@ LOCK_NAME = ".lock"
 _held_locks: dict[str, tuple[int, int]] = {}  # run dir -> (file descriptor, holders here)
 
 
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``RUN_DIR/.lock`` (``fcntl.flock``) while the block runs: one writer per run
-    directory, whatever process or launcher runs it. Re-entrant within a process; another process
-    gets ``RunInUseError`` naming the process that holds it. The kernel releases the lock when
-    the holder exits, however it exits."""
+def hold_run_lock(run_dir: Path) -> None:
+    """Take ``RUN_DIR/.lock`` (``fcntl.flock``) for one more holder in this process: one writer
+    per run directory, whatever process or launcher runs it. Another process gets
+    ``RunInUseError`` naming the process that holds it. The kernel releases the lock when the
+    holder exits, however it exits (``release_run_lock`` gives it back earlier)."""
     import fcntl
 
     key = os.path.realpath(run_dir)
     if key in _held_locks:
         handle, count = _held_locks[key]
         _held_locks[key] = (handle, count + 1)
+        return
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        raise RunFileError(f"{path}: cannot be opened ({error.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(handle)
+        raise RunInUseError(
+            f"{run_dir}: in use by process {holder} (it holds {path}); one process writes a run "
+            "at a time: wait for it to end, or stop it"
+        ) from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[key] = (handle, 1)
+
+
+def release_run_lock(run_dir: Path) -> None:
+    """Give back one ``hold_run_lock``; the last one here unlocks the directory."""
+    key = os.path.realpath(run_dir)
+    handle, count = _held_locks[key]
+    if count > 1:
+        _held_locks[key] = (handle, count - 1)
     else:
-        path = Path(run_dir) / LOCK_NAME
-        try:
-            handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        except OSError as error:
-            raise RunFileError(f"{path}: cannot be opened ({error.strerror})") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(handle)
-            raise RunInUseError(
-                f"{run_dir}: in use by process {holder} (it holds {path}); one process writes a "
-                "run at a time: wait for it to end, or stop it"
-            ) from None
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
-        _held_locks[key] = (handle, 1)
+        del _held_locks[key]
+        os.close(handle)  # releases the lock
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """The run directory's lock (``hold_run_lock``) while the block runs."""
+    hold_run_lock(run_dir)
     try:
         yield
     finally:
-        handle, count = _held_locks[key]
-        if count > 1:
-            _held_locks[key] = (handle, count - 1)
-        else:
-            del _held_locks[key]
-            os.close(handle)  # releases the lock
+        release_run_lock(run_dir)
 
 
 def check_checkpoint_archive(path: Path, tensor_bytes: int) -> None:
@@ -305,8 +316,7 @@ def allowed_target(group: str, target: Any) -> bool:
     the project's own ``conf/<group>/`` targets, or a model class of ``parity_lab.models``.
     The one place to extend what a run directory may name."""
     return isinstance(target, str) and (
-        target in project_targets().get(group, ())
-        or (group == "model" and _is_model_class(target))
+        target in project_targets().get(group, ()) or (group == "model" and _is_model_class(target))
     )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,14 @@ from parity_lab.config import validate
 from parity_lab.curve import length_curve
 from parity_lab.evaluate import readable_lengths, skip_note
 from parity_lab.module import ParityModule, metric_name
-from parity_lab.run_files import RunFileError, first_line, write_atomic
+from parity_lab.run_files import (
+    RunFileError,
+    check_checkpoint_archive,
+    first_line,
+    refuse_links,
+    run_lock,
+    write_atomic,
+)
 from parity_lab.tensorboard_log import RunLogger, log_run_record
 
 
@@ -94,16 +103,43 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_paramet
 class Interrupted(RuntimeError):
     """The run received SIGTERM (a scheduler's preemption, ``kill``); its checkpoint is kept."""
 
-    def __init__(self, run_dir: Path, step: int) -> None:
-        super().__init__(f"stopped by SIGTERM at step {step}; the checkpoint of that step is kept")
+    def __init__(self, run_dir: Path, step: int, after_training: bool = False) -> None:
+        if after_training:
+            message = (
+                f"stopped by SIGTERM after training ended at step {step}, before metrics.json was "
+                "written (final evaluation or length curve); the checkpoint of that step is kept, "
+                "and resuming runs only the evaluation again"
+            )
+        else:
+            message = f"stopped by SIGTERM at step {step}; the checkpoint of that step is kept"
+        super().__init__(message)
         self.run_dir = run_dir
 
 
+def sigterm_interrupts(run_dir: Path, step: int) -> Callable[[], None]:
+    """From now on SIGTERM raises ``Interrupted`` (after training); returns the function that
+    puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # handlers belong to the main thread
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(run_dir, step, after_training=True)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def check_checkpoint(path: Path, module: ParityModule) -> None:
-    """``RunFileError`` naming a checkpoint that is cut short, holds more than weights-only data,
-    or holds another model's weights (else Lightning fails mid-start with a long traceback)."""
+    """``RunFileError`` naming a checkpoint that is cut short, larger in its archive than the
+    model's checkpoint can be (checked before any tensor is read), holds more than weights-only
+    data, another model's weights, or weights that are not finite (else Lightning fails mid-start
+    with a long traceback, or trains a broken model)."""
+    from parity_lab.predict import non_finite_weight, tensor_bytes
+
+    check_checkpoint_archive(path, tensor_bytes(module))
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state_dict = state_dict["state_dict"]
     except Exception as error:
         raise RunFileError(f"{path}: not a readable checkpoint ({first_line(error)})") from None
     try:
@@ -112,6 +148,8 @@ def check_checkpoint(path: Path, module: ParityModule) -> None:
         raise RunFileError(
             f"{path}: its weights do not fit the model of the run's config ({first_line(error)})"
         ) from None
+    if (name := non_finite_weight(state_dict)) is not None:
+        raise RunFileError(f"{path}: weight {name} is not finite (NaN or infinity): refusing it")
 
 
 def train(
@@ -126,6 +164,16 @@ def train(
     if cfg.resume is not None:
         run_dir = Path(cfg.resume)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):  # one writer per run directory
+        refuse_links(run_dir)  # nothing is written through a link
+        return train_locked(cfg, run_dir, extra_callbacks)
+
+
+def train_locked(
+    cfg: DictConfig, run_dir: Path, extra_callbacks: Sequence[L.Callback]
+) -> dict[str, Any]:
+    """``train``'s work, in ``run_dir``, once it holds the run's lock."""
     torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, verbose=False)
 
@@ -180,6 +228,9 @@ def train(
         trainer.test(module, datamodule=datamodule, verbose=False)
     except SIGTERMException:
         raise Interrupted(run_dir, trainer.global_step) from None
+    # The final evaluation ran under Lightning's SIGTERM handler, which it has since removed (the
+    # default would end the process without a word): the curve and the writes run under ours.
+    restore_sigterm = sigterm_interrupts(run_dir, trainer.global_step)
     metrics: dict[str, Any] = {  # the module logs the test pass for metrics.json only
         name: trainer.callback_metrics[name].item()
         for name in (metric_name("test", set_name) for set_name in datamodule.eval_names)
@@ -203,5 +254,6 @@ def train(
     log_run_record(writer, cfg, run_dir, printed, step)
     logger.close()
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    restore_sigterm()
     print(printed)
     return metrics
