@@ -126,10 +126,7 @@ class ManualRecurrent(nn.Module):
             native = self.native_layer(x_proj, weight_hh, bias_hh, tuple(layer_states[layer]))
             if native is not None:
                 x, layer_state = native
-            elif (
-                hand_written_backward
-                and type(self).step_backward is not ManualRecurrent.step_backward
-            ):
+            elif hand_written_backward and has_own_backward(self):
                 x, *layer_state = BackpropThroughTime.apply(
                     self, x_proj, weight_hh, bias_hh, *layer_states[layer]
                 )
@@ -166,6 +163,26 @@ class ManualRecurrent(nn.Module):
             h, state = self.step(x_t, state, weight_hh, bias_hh, saved)
             outputs.append(h)
         return torch.stack(outputs), state
+
+
+def defining_class(cell: ManualRecurrent, name: str) -> type | None:
+    """The class whose body defines method ``name`` for ``cell``; None when the instance itself
+    holds it (a method patched onto one object)."""
+    if name in vars(cell):
+        return None
+    return next(klass for klass in type(cell).__mro__ if name in vars(klass))
+
+
+def has_own_backward(cell: ManualRecurrent) -> bool:
+    """Whether ``cell.step_backward`` is written for ``cell.step``: defined by the class that
+    defines ``step`` or a subclass of it. A subclass that changes only ``step`` inherits a
+    ``step_backward`` of other equations, so its backward is derived from its ``step`` instead."""
+    step, backward = defining_class(cell, "step"), defining_class(cell, "step_backward")
+    if backward is None:  # patched onto this object: written for whatever step it has
+        return True
+    if step is None or backward is ManualRecurrent:
+        return False
+    return issubclass(backward, step)
 
 
 class BackpropThroughTime(torch.autograd.Function):
@@ -522,12 +539,8 @@ class ManualLSTM(ManualRecurrent):
         return grad_pre, grad_pre, (grad_pre.mm(weight_hh), grad_c * f)
 
     def native_layer(self, x_proj, weight_hh, bias_hh, state):
-        # The kernel implements exactly these equations: a subclass that changes them runs them.
-        own = (
-            type(self).step is ManualLSTM.step
-            and type(self).step_backward is ManualLSTM.step_backward
-        )
-        if not own or not native.lstm_applies(x_proj, weight_hh, bias_hh, *state):
+        # The kernel runs only where it computes what this cell's step and step_backward do.
+        if not native.lstm_applies(x_proj, weight_hh, bias_hh, *state) or not kernel_agrees(self):
             return None
         tensors = (x_proj, weight_hh, bias_hh, *state)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -535,6 +548,79 @@ class ManualLSTM(ManualRecurrent):
         else:
             outputs, h, c = native.lstm_inference(*tensors)
         return outputs, (h, c)
+
+
+# (cell class, its step, its step_backward, hidden size) -> whether the C kernel agrees with them
+_kernel_agrees: dict[tuple[Any, ...], bool] = {}
+KERNEL_CHECK_TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}  # float32, the kernel's fast exp
+
+
+def kernel_agrees(cell: ManualLSTM) -> bool:
+    """Whether the C kernel computes what ``cell.step`` and ``cell.step_backward`` compute
+    (outputs, final state and every gradient), checked once per process, cell equations and
+    hidden size on a small random input. A cell whose equations were edited, patched or
+    overridden gets one warning and runs its Python ``step``."""
+    step, backward = cell.step, cell.step_backward
+    key = (type(cell), getattr(step, "__func__", step), getattr(backward, "__func__", backward))
+    key += (cell.hidden_size,)
+    if key not in _kernel_agrees:
+        difference = kernel_difference(cell)
+        _kernel_agrees[key] = difference == 0.0
+        if difference:
+            warnings.warn(
+                f"{type(cell).__name__}: the C kernel does not compute what its step and "
+                f"step_backward do (largest difference {difference:.3g} on a test input): it "
+                "runs its Python step instead (slower)",
+                stacklevel=3,
+            )
+    return _kernel_agrees[key]
+
+
+def kernel_difference(cell: ManualLSTM, steps: int = 3, batch: int = 2) -> float:
+    """0.0 when the kernel's outputs, final state and gradients on a small random input match
+    the Python step's and step_backward's within float32 tolerance, else the largest
+    difference (inf when the Python path fails). Draws from its own generator: the global
+    random state, and so every seeded run, is untouched."""
+    hidden = cell.hidden_size
+    generator = torch.Generator().manual_seed(0)
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=generator) * 2 - 1).requires_grad_()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        inputs = (
+            uniform(steps, batch, 4 * hidden),
+            uniform(4 * hidden, hidden),
+            uniform(4 * hidden),
+            uniform(batch, hidden),
+            uniform(batch, hidden),
+        )
+        weights = [torch.rand(shape, generator=generator) for shape in
+                   ((steps, batch, hidden), (batch, hidden), (batch, hidden))]  # fmt: skip
+        results = []
+        for run in (
+            lambda: native.lstm_training(*inputs),
+            lambda: (
+                BackpropThroughTime.apply(cell, *inputs)
+                if has_own_backward(cell)
+                else cell.unroll(inputs[0], tuple(inputs[3:]), inputs[1], inputs[2])
+            ),
+        ):
+            try:
+                outputs = run()
+                outputs = (outputs[0], *outputs[1]) if len(outputs) == 2 else outputs
+                loss = sum((o * w).sum() for o, w in zip(outputs, weights, strict=True))
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            except Exception:
+                return math.inf
+            results.append([*outputs, *(g if g is not None else torch.zeros(1) for g in grads)])
+    largest = 0.0
+    for kernel, python in zip(*results, strict=True):
+        if kernel.shape != python.shape:
+            return math.inf
+        if not torch.allclose(kernel, python, **KERNEL_CHECK_TOLERANCE):
+            largest = max(largest, (kernel - python).abs().max().item())
+    return largest
 
 
 class ManualGRU(ManualRecurrent):

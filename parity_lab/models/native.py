@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -56,27 +57,50 @@ def cpu_signature() -> str:
     return "\n".join(keep) or platform.machine()
 
 
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cached(library: Path) -> bool:
+    """Whether ``library`` is a whole build: its bytes hash to what its ``.sha256`` file, written
+    after it, records. A library cut short (a full disk, a crash, a copy) is mapped by dlopen
+    and kills the process with SIGBUS when touched, so it is never loaded unchecked."""
+    record = library.with_name(library.name + ".sha256")
+    try:
+        return record.read_text().strip() == digest(library)
+    except OSError:
+        return False
+
+
 def build(name: str, hidden: int) -> Path:
-    """Compile ``kernels/<name>.c`` for one hidden size into the cache (or find it there)."""
+    """Compile ``kernels/<name>.c`` for one hidden size into the cache, or find a verified build
+    there; a cached library that fails its check is built again. ``$CC`` may hold arguments
+    (``ccache gcc``)."""
     source = KERNELS / f"{name}.c"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    compiler = shlex.split(os.environ.get("CC", "")) or [
+        shutil.which("cc") or shutil.which("gcc") or "cc"
+    ]
     errors = []
     for flags in FLAGS:
         flags = [*flags, f"-DHIDDEN={hidden}"]
         key = hashlib.sha256(
-            "\0".join([source.read_text(), compiler, *flags, cpu_signature()]).encode()
+            "\0".join([source.read_text(), *compiler, *flags, cpu_signature()]).encode()
         ).hexdigest()[:16]
         library = cache_dir() / f"{name}-h{hidden}-{key}.so"
-        if library.exists():
+        if cached(library):
             return library
         library.parent.mkdir(parents=True, exist_ok=True)
-        # build beside the target, then rename: parallel jobs never load a half-written library
+        # build beside the target, then rename: parallel jobs never load a half-written library,
+        # and one that has mapped the old file keeps it (a rename never truncates it)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
             built = Path(tmp) / library.name
-            command = [compiler, *flags, "-fPIC", "-shared", str(source), "-o", str(built), "-lm"]
+            command = [*compiler, *flags, "-fPIC", "-shared", str(source), "-o", str(built), "-lm"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
+                record = Path(tmp) / "sha256"
+                record.write_text(digest(built) + "\n")
                 os.replace(built, library)
+                os.replace(record, library.with_name(library.name + ".sha256"))
                 return library
             errors.append(f"{' '.join(command)}: {result.stderr.strip()[-300:]}")
     raise RuntimeError("; ".join(errors))
@@ -89,7 +113,8 @@ def load(name: str, hidden: int) -> ctypes.CDLL | None:
         return None
     try:
         library = ctypes.CDLL(str(build(name, hidden)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        library.lstm_forward, library.lstm_backward  # noqa: B018  (both symbols are there)
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
         warnings.warn(
             f"parity_lab: could not build the C kernel {name}.c, the hand-written cells run in "
             f"PyTorch (slower, same results): {error}",
