@@ -357,7 +357,8 @@ def checked_config(cfg: DictConfig | ListConfig, source: Path, key: str = "") ->
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except Exception as error:
-        raise UnsafeConfigError(f"{source}: cannot read {key or 'the config'}: {error}") from None
+        where = key or "the config"
+        raise UnsafeConfigError(f"{source}: cannot read {where}: {first_line(error)}") from None
     prefix = (key,) if key else ()
     for key_path, target in _targets(plain, prefix):
         group = str(key_path[0]) if key_path else ""

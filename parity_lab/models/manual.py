@@ -177,12 +177,14 @@ def has_own_backward(cell: ManualRecurrent) -> bool:
     """Whether ``cell.step_backward`` is written for ``cell.step``: defined by the class that
     defines ``step`` or a subclass of it. A subclass that changes only ``step`` inherits a
     ``step_backward`` of other equations, so its backward is derived from its ``step`` instead."""
+    if getattr(type(cell).step_backward, "__func__", type(cell).step_backward) is (
+        ManualRecurrent.step_backward
+    ) and "step_backward" not in vars(cell):
+        return False  # none written
     step, backward = defining_class(cell, "step"), defining_class(cell, "step_backward")
     if backward is None:  # patched onto this object: written for whatever step it has
         return True
-    if step is None or backward is ManualRecurrent:
-        return False
-    return issubclass(backward, step)
+    return step is not None and issubclass(backward, step)
 
 
 class BackpropThroughTime(torch.autograd.Function):
@@ -559,7 +561,10 @@ def kernel_agrees(cell: ManualLSTM) -> bool:
     """Whether the C kernel computes what ``cell.step`` and ``cell.step_backward`` compute
     (outputs, final state and every gradient), checked once per process, cell equations and
     hidden size on a small random input. A cell whose equations were edited, patched or
-    overridden gets one warning and runs its Python ``step``."""
+    overridden gets one warning and runs its Python ``step``; a cell without a ``step_backward``
+    of its own (``has_own_backward``) runs its ``step``, with a backward derived from it."""
+    if not has_own_backward(cell):
+        return False
     step, backward = cell.step, cell.step_backward
     key = (type(cell), getattr(step, "__func__", step), getattr(backward, "__func__", backward))
     key += (cell.hidden_size,)
