@@ -214,7 +214,7 @@ def check_not_a_run(directory: Path, key: str) -> None:
     """``ConfigError`` when ``directory`` already holds a run: a new run would replace its
     results, and the old TensorBoard events and analysis would disagree with its config."""
     found = [name for name in RUN_FILES if (directory / name).exists()]
-    if found:
+    if found and not requeued(directory):  # SLURM's requeue continues its own run
         raise ConfigError(
             f"{key}={str(directory)!r} is invalid: it already holds a run ({', '.join(found)}); "
             f"choose a new directory, or continue an unfinished run with "
