@@ -486,6 +486,9 @@ def test_sigterm_during_the_length_curve_says_what_was_kept(tmp_path: Path) -> N
     assert "stopped by SIGTERM after training ended at step 5" in result.stderr
     assert f"python -m parity_lab resume={run}" in result.stderr
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+    resumed = cli("-m", "parity_lab", f"resume={run}")  # runs only the evaluation again
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 5
 
 
 # 17. Result files follow the umask ----------------------------------------------------------
