@@ -207,6 +207,11 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
         )
     _int(cfg, "eval.num_val", 1)
     _int(cfg, "eval.num_test", 1)
+    if "certify" in cfg.eval:
+        # absent from runs written before the certificate existed: those read as not certified
+        flag = _value(cfg, "eval.certify")
+        if not isinstance(flag, bool):
+            raise ConfigError(f"eval.certify={flag!r} is invalid: expected true or false")
     for key in ("eval.stop_when_solved", "eval.curve.only_solved"):
         flag = _value(cfg, key)
         if not isinstance(flag, bool):

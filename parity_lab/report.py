@@ -27,6 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from parity_lab.compact import expand
 from parity_lab.run_files import (
     CorruptResultError,
     atomic_path,
@@ -291,6 +292,13 @@ def summary_table(groups: list[Group]) -> str:
     scaled = any("test/scaled_acc_mean" in job.metrics for group in groups for job in group.ok)
     if scaled:
         header[-1:-1] = ["scaled acc (mean over lengths)", "best scaled acc"]
+    # The exactness issue's three columns: certificates, worst-case strings, random strings.
+    proofs = any("certified" in job.metrics for group in groups for job in group.ok)
+    if proofs:
+        header[-1:-1] = ["certified (true/false/none)", "first worst-case string wrong"]
+    random_exact = any("test/exact_until_random" in job.metrics for g in groups for job in g.ok)
+    if random_exact:
+        header[-1:-1] = ["exact up to, random strings only"]
     rows = [header, ["---"] * len(header)]
     for group in groups:
         not_ok = ", ".join(
@@ -318,6 +326,19 @@ def summary_table(groups: list[Group]) -> str:
             values = group.values("test/scaled_acc_mean")
             best = f"{max(values):.3f}" if values else "-"
             rows[-1][-1:-1] = [_mean_std(values), best]
+        if proofs:
+            verdicts = [job.metrics.get("certified") for job in group.ok]
+            counts = "/".join(str(sum(v is x for v in verdicts)) for x in (True, False, None))
+            wrong = [
+                job.metrics.get("test/worst_case_wrong")
+                or job.metrics.get("certified_counterexample")
+                for job in group.ok
+            ]
+            shortest = min((w for w in wrong if w), key=lambda w: len(expand(w)), default=None)
+            rows[-1][-1:-1] = [counts, f"`{shortest}`" if shortest else "none"]
+        if random_exact:
+            values = group.values("test/exact_until_random")
+            rows[-1][-1:-1] = [", ".join(f"{v:.0f}" for v in values) or "-"]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from parity_lab.callbacks import LastCheckpoint, SolvedTracker, TrainingProgressBar
+from parity_lab.certify import exactness_metrics
 from parity_lab.config import validate
 from parity_lab.curve import length_curve
 from parity_lab.evaluate import readable_lengths, skip_note
@@ -81,9 +82,18 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_paramet
         accuracies += f"  mean: {metrics['test/scaled_acc_mean']:.3f}   ((acc - 0.5) / 0.5)"
     if "test/exact_until" in metrics:
         accuracies += (
-            f"\n  lengths   exact up to {metrics['test/exact_until']} bits, mean accuracy beyond "
+            f"\n  lengths   right on every string tried up to {metrics['test/exact_until']} bits "
+            f"(random strings alone: {metrics['test/exact_until_random']}), mean accuracy beyond "
             f"training {metrics.get('test/acc_unseen', float('nan')):.3f} (length_curve.png)"
         )
+    if metrics.get("test/worst_case_wrong") is not None:
+        accuracies += f"\n  worst case  wrong on {metrics['test/worst_case_wrong']}"
+    if "certified" in metrics:
+        verdict = {True: "certified: right on every string of every length", None: "not certified"}
+        text = verdict.get(metrics["certified"], "certified: false")
+        if metrics["certified"] is False:
+            text += f", wrong on {metrics['certified_counterexample']}"
+        accuracies += f"\n  proof     {text} ({metrics['certify_note']})"
     solved = (
         f"solved at step {metrics['solved_step']}"
         if metrics["solved_step"] is not None
@@ -245,6 +255,7 @@ def train_locked(
     step = metrics["global_step"]
     if cfg.eval.curve.max_len is not None and (metrics["solved"] or not cfg.eval.curve.only_solved):
         metrics.update(length_curve(module.model, cfg, run_dir, logger.experiment, step))
+    metrics.update(exactness_metrics(module.model, cfg, metrics))
 
     writer = logger.experiment
     for tag, value in result_scalars(metrics, solved.validated_step == step).items():
