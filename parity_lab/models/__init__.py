@@ -1,8 +1,10 @@
 """Parity classifiers: torch's built-in RNNs, hand-written twins with equal weights, and the
-state-tracking families (linear RNNs, DeltaNet, xLSTM cells, a Transformer)."""
+state-tracking families (linear RNNs, DeltaNet, xLSTM cells, a Transformer), minimal and as
+published."""
 
 from parity_lab.models.classifier import ParityRNN
 from parity_lab.models.deltanet import DeltaNet
+from parity_lab.models.deltanet_published import DeltaNetPublished
 from parity_lab.models.linear_rnn import LinearRNN
 from parity_lab.models.manual import ManualGRU, ManualLSTM, ManualRNN
 from parity_lab.models.mlstm import MLSTM
@@ -14,6 +16,7 @@ __all__ = [
     "SLSTM",
     "CausalTransformer",
     "DeltaNet",
+    "DeltaNetPublished",
     "LinearRNN",
     "ManualGRU",
     "ManualLSTM",
