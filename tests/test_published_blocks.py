@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from parity_lab.models.deltanet_published import DeltaNetPublished, delta_rule_steps, mlp_size
+from parity_lab.models.xlstm_published import MLSTMPublished, SLSTMPublished
 
 torch.set_default_dtype(torch.float32)
 
@@ -212,3 +213,182 @@ def test_deltanet_init_is_the_published_one() -> None:
         assert norms.max() <= 1 + 1e-6 and norms.median() > 0.999
     assert captured["beta"].min() > 0 and captured["beta"].max() < 2
     assert captured["beta"].max() > 1  # signed: beta = 2 sigmoid(.) reaches past 1
+
+
+# ---------------------------------------------------------------------------------------------
+# xLSTM: the installed package itself (sLSTM ``vanilla`` backend, mLSTM's torch parallel form)
+
+import xlstm  # noqa: E402  (a dev dependency: pip install -e .[dev])
+
+
+def slstm_as_ours(tensors: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:
+    """Their sLSTM stack's tensors (parameters or gradients) under our names and layouts."""
+    out = {"post_blocks_norm": tensors["post_blocks_norm.weight"]}
+    for b in range(blocks):
+        prefix = f"blocks.{b}."
+        t = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        heads, gates_hd, hd = t["xlstm.slstm_cell._recurrent_kernel_"].shape
+        ours = {
+            "xlstm_norm": t["xlstm_norm.weight"],
+            # their i gate reads the fgate projection and f the igate one: order i, f, z, o
+            "weight_x": torch.stack([t[f"xlstm.{g}gate.weight"] for g in "fizo"]),
+            "recurrent": t["xlstm.slstm_cell._recurrent_kernel_"]
+            .view(heads, 4, hd, hd)
+            .permute(1, 0, 2, 3),
+            "bias": t["xlstm.slstm_cell._bias_"].view(4, heads, hd),
+            "group_norm": t["xlstm.group_norm.weight"],
+            "ffn_norm": t["ffn_norm.weight"],
+            "ffn.proj_up.weight": t["ffn.proj_up.weight"],
+            "ffn.proj_down.weight": t["ffn.proj_down.weight"],
+        }
+        if "xlstm.conv1d.conv.weight" in t:
+            ours["conv"] = t["xlstm.conv1d.conv.weight"][:, 0]
+            ours["conv_bias"] = t["xlstm.conv1d.conv.bias"]
+        out.update({f"layers.{b}.{k}": v for k, v in ours.items()})
+    return out
+
+
+def mlstm_as_ours(tensors: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:
+    """Their mLSTM stack's tensors under our names and layouts."""
+    out = {"post_blocks_norm": tensors["post_blocks_norm.weight"]}
+    for b in range(blocks):
+        prefix = f"blocks.{b}."
+        t = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        cell = "xlstm.mlstm_cell."
+        ours = {
+            "xlstm_norm": t["xlstm_norm.weight"],
+            "proj_up.weight": t["xlstm.proj_up.weight"],
+            "conv": t["xlstm.conv1d.conv.weight"][:, 0],
+            "conv_bias": t["xlstm.conv1d.conv.bias"],
+            "qkv": torch.stack([t[f"xlstm.{n}_proj.weight"] for n in "qkv"]),
+            "gates.weight": torch.cat([t[cell + "igate.weight"], t[cell + "fgate.weight"]]),
+            "gates.bias": torch.cat([t[cell + "igate.bias"], t[cell + "fgate.bias"]]),
+            "outnorm": t[cell + "outnorm.weight"],
+            "skip": t["xlstm.learnable_skip"],
+            "proj_down.weight": t["xlstm.proj_down.weight"],
+        }
+        out.update({f"layers.{b}.{k}": v for k, v in ours.items()})
+    return out
+
+
+def their_stack(kind: str, size: int, blocks: int, heads: int, conv: int, steps: int) -> nn.Module:
+    from xlstm import (
+        mLSTMBlockConfig,
+        mLSTMLayerConfig,
+        sLSTMBlockConfig,
+        sLSTMLayerConfig,
+        xLSTMBlockStackConfig,
+    )
+
+    if kind == "slstm":
+        layer = sLSTMLayerConfig(backend="vanilla", num_heads=heads, conv1d_kernel_size=conv)
+        config = xLSTMBlockStackConfig(
+            slstm_block=sLSTMBlockConfig(slstm=layer), slstm_at="all", num_blocks=blocks
+        )
+    else:
+        layer = mLSTMLayerConfig(num_heads=heads, conv1d_kernel_size=conv)
+        config = xLSTMBlockStackConfig(mlstm_block=mLSTMBlockConfig(mlstm=layer), num_blocks=blocks)
+    config.embedding_dim, config.context_length = size, steps
+    config.__post_init__()
+    return xlstm.xLSTMBlockStack(config)
+
+
+XLSTM_CASES = [  # kind, conv size: the single-layer runs' sLSTM has none, the paper's has 4
+    ("slstm", 0),
+    ("slstm", 4),
+    ("mlstm", 4),
+]
+
+
+@pytest.mark.parametrize(("kind", "conv"), XLSTM_CASES)
+def test_xlstm_blocks_equal_the_package_in_outputs_and_gradients(kind: str, conv: int) -> None:
+    size, blocks, heads, steps = 16, 2, 4, 23
+    torch.manual_seed(0)
+    ref = their_stack(kind, size, blocks, heads, conv, steps).double()
+    randomise(ref, 0)
+    model = SLSTMPublished if kind == "slstm" else MLSTMPublished
+    ours = model(size, size, blocks, num_heads=heads, conv_size=conv).double()
+    as_ours = slstm_as_ours if kind == "slstm" else mlstm_as_ours
+    mapped = as_ours(dict(ref.named_parameters()), blocks)
+    assert set(mapped) == {name for name, _ in ours.named_parameters()}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.copy_(mapped[name])
+    x, probe = torch.randn(2, 3, steps, size, generator=torch.Generator().manual_seed(1)).double()
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref = ref(x_ref)
+    out_ours, _ = ours(x_ours)
+    torch.testing.assert_close(out_ours, out_ref, rtol=1e-5, atol=1e-5)
+    (out_ref * probe).sum().backward()
+    (out_ours * probe).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    theirs = as_ours({n: p.grad for n, p in ref.named_parameters()}, blocks)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("kind", "conv"), XLSTM_CASES)
+def test_xlstm_init_equals_the_package(kind: str, conv: int) -> None:
+    """Every deterministic init value as the package sets it (norms, skip, R, gate biases) and
+    every random one of its distribution (std or bound), with 2 blocks so that Wang's std and
+    the block-dependent forget bias are both tested."""
+    size, blocks, heads = 64, 2, 4
+    torch.manual_seed(0)
+    ref = their_stack(kind, size, blocks, heads, conv, 8)
+    torch.manual_seed(0)
+    model = SLSTMPublished if kind == "slstm" else MLSTMPublished
+    ours = model(size, size, blocks, num_heads=heads, conv_size=conv)
+    mapped = (slstm_as_ours if kind == "slstm" else mlstm_as_ours)(
+        dict(ref.named_parameters()), blocks
+    )
+    random_normal = {"weight_x", "ffn.proj_up.weight", "ffn.proj_down.weight", "proj_up.weight"}
+    random_normal |= {"qkv", "proj_down.weight"}
+    for name, p in ours.named_parameters():
+        theirs, short = mapped[name].detach(), name.split(".", 2)[-1]
+        assert p.shape == theirs.shape, name
+        if short in random_normal:
+            assert abs(p.std().item() / theirs.std().item() - 1) < 0.15, name
+            assert abs(p.mean().item()) < 0.2 * theirs.std().item(), name
+        elif short in ("conv", "conv_bias"):
+            assert abs(p.abs().max().item() / theirs.abs().max().item() - 1) < 0.1, name
+        elif short == "gates.bias":  # the input gate's half is normal(0, 0.1)
+            torch.testing.assert_close(p[heads:], theirs[heads:])
+            assert p[:heads].abs().max() < 0.5 and theirs[:heads].abs().max() < 0.5
+        else:
+            torch.testing.assert_close(p, theirs, msg=name)
+
+
+@pytest.mark.parametrize(("kind", "conv"), XLSTM_CASES)
+def test_xlstm_streams_in_chunks_with_the_state_carried(kind: str, conv: int) -> None:
+    torch.manual_seed(0)
+    model = SLSTMPublished if kind == "slstm" else MLSTMPublished
+    core = model(1, 16, 2, num_heads=4, conv_size=conv)
+    randomise(core, 2)  # gates and recurrence away from their init, so the memory matters
+    x = torch.randint(0, 2, (4, 37, 1), generator=torch.Generator().manual_seed(0)).float()
+    whole, _ = core(x)
+    first, state = core(x[:, :10])
+    second, state = core(x[:, 10:11], state)  # one step: the conv cache spans chunks
+    third, _ = core(x[:, 11:], state)
+    torch.testing.assert_close(torch.cat([first, second, third], 1), whole, rtol=1e-4, atol=1e-5)
+
+
+def test_the_single_block_slstm_yaml_cannot_be_built() -> None:
+    """Their parity_xlstm01_single_layer.yaml: ``slstm_at: [0, 1]`` with one block (and an
+    ``mlstm_block`` section, without which xlstm would put sLSTM blocks everywhere)."""
+    from xlstm import (
+        mLSTMBlockConfig,
+        mLSTMLayerConfig,
+        sLSTMBlockConfig,
+        sLSTMLayerConfig,
+        xLSTMBlockStackConfig,
+    )
+
+    layer = sLSTMLayerConfig(backend="vanilla", num_heads=4, conv1d_kernel_size=0)
+    with pytest.raises(AssertionError, match="Invalid slstm position 1"):
+        xLSTMBlockStackConfig(
+            mlstm_block=mLSTMBlockConfig(mlstm=mLSTMLayerConfig(num_heads=4)),
+            slstm_block=sLSTMBlockConfig(slstm=layer),
+            num_blocks=1,
+            embedding_dim=16,
+            slstm_at=[0, 1],
+        )

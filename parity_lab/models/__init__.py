@@ -10,10 +10,13 @@ from parity_lab.models.manual import ManualGRU, ManualLSTM, ManualRNN
 from parity_lab.models.mlstm import MLSTM
 from parity_lab.models.slstm import SLSTM
 from parity_lab.models.transformer import CausalTransformer
+from parity_lab.models.xlstm_published import MLSTMPublished, SLSTMPublished
 
 __all__ = [
     "MLSTM",
+    "MLSTMPublished",
     "SLSTM",
+    "SLSTMPublished",
     "CausalTransformer",
     "DeltaNet",
     "DeltaNetPublished",
