@@ -392,3 +392,12 @@ def test_the_single_block_slstm_yaml_cannot_be_built() -> None:
             embedding_dim=16,
             slstm_at=[0, 1],
         )
+
+
+@pytest.mark.parametrize("model", ["deltanet_published", "xlstm_mlstm"])
+def test_a_bad_conv_size_is_one_config_error(model: str) -> None:
+    from parity_lab.config import ConfigError, validate
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigError, match=r"model.conv_size=0 is invalid: expected an integer >= 1"):
+        validate(compose_config(f"model={model}", "model.conv_size=0"))
