@@ -399,5 +399,6 @@ def test_a_bad_conv_size_is_one_config_error(model: str) -> None:
     from parity_lab.config import ConfigError, validate
     from tests.conftest import compose_config
 
-    with pytest.raises(ConfigError, match=r"model.conv_size=0 is invalid: expected an integer >= 1"):
+    message = r"model.conv_size=0 is invalid: expected an integer >= 1"
+    with pytest.raises(ConfigError, match=message):
         validate(compose_config(f"model={model}", "model.conv_size=0"))
