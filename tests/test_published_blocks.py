@@ -242,7 +242,7 @@ def slstm_as_ours(tensors: dict[str, torch.Tensor], blocks: int) -> dict[str, to
             "ffn.proj_down.weight": t["ffn.proj_down.weight"],
         }
         if "xlstm.conv1d.conv.weight" in t:
-            ours["conv"] = t["xlstm.conv1d.conv.weight"][:, 0]
+            ours["conv_weight"] = t["xlstm.conv1d.conv.weight"][:, 0]
             ours["conv_bias"] = t["xlstm.conv1d.conv.bias"]
         out.update({f"layers.{b}.{k}": v for k, v in ours.items()})
     return out
@@ -258,9 +258,9 @@ def mlstm_as_ours(tensors: dict[str, torch.Tensor], blocks: int) -> dict[str, to
         ours = {
             "xlstm_norm": t["xlstm_norm.weight"],
             "proj_up.weight": t["xlstm.proj_up.weight"],
-            "conv": t["xlstm.conv1d.conv.weight"][:, 0],
+            "conv_weight": t["xlstm.conv1d.conv.weight"][:, 0],
             "conv_bias": t["xlstm.conv1d.conv.bias"],
-            "qkv": torch.stack([t[f"xlstm.{n}_proj.weight"] for n in "qkv"]),
+            "qkv_weight": torch.stack([t[f"xlstm.{n}_proj.weight"] for n in "qkv"]),
             "gates.weight": torch.cat([t[cell + "igate.weight"], t[cell + "fgate.weight"]]),
             "gates.bias": torch.cat([t[cell + "igate.bias"], t[cell + "fgate.bias"]]),
             "outnorm": t[cell + "outnorm.weight"],
@@ -342,14 +342,14 @@ def test_xlstm_init_equals_the_package(kind: str, conv: int) -> None:
         dict(ref.named_parameters()), blocks
     )
     random_normal = {"weight_x", "ffn.proj_up.weight", "ffn.proj_down.weight", "proj_up.weight"}
-    random_normal |= {"qkv", "proj_down.weight"}
+    random_normal |= {"qkv_weight", "proj_down.weight"}
     for name, p in ours.named_parameters():
         theirs, short = mapped[name].detach(), name.split(".", 2)[-1]
         assert p.shape == theirs.shape, name
         if short in random_normal:
             assert abs(p.std().item() / theirs.std().item() - 1) < 0.15, name
             assert abs(p.mean().item()) < 0.2 * theirs.std().item(), name
-        elif short in ("conv", "conv_bias"):
+        elif short in ("conv_weight", "conv_bias"):
             assert abs(p.abs().max().item() / theirs.abs().max().item() - 1) < 0.1, name
         elif short == "gates.bias":  # the input gate's half is normal(0, 0.1)
             torch.testing.assert_close(p[heads:], theirs[heads:])

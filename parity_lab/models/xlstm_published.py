@@ -167,7 +167,7 @@ class SLSTMBlock(nn.Module):
         head_dim = size // num_heads
         self.xlstm_norm = nn.Parameter(torch.zeros(size))
         if conv_size:
-            self.conv = nn.Parameter(torch.empty(size, conv_size))
+            self.conv_weight = nn.Parameter(torch.empty(size, conv_size))
             self.conv_bias = nn.Parameter(torch.empty(size))
         # gates i, f, z, o: head-wise input weights, head-wise recurrent weights, biases
         self.weight_x = nn.Parameter(torch.empty(4, num_heads, head_dim, head_dim))
@@ -180,7 +180,7 @@ class SLSTMBlock(nn.Module):
             small_init_(self.weight_x, size)
             self.bias[1] = forget_bias(head_dim, block, num_blocks)
             if conv_size:
-                conv_init_(self.conv, self.conv_bias)
+                conv_init_(self.conv_weight, self.conv_bias)
 
     def gate_inputs(
         self, x: torch.Tensor, cache: torch.Tensor
@@ -188,7 +188,7 @@ class SLSTMBlock(nn.Module):
         """``W_g x_t + b_g`` of all steps, time-major ``(time, batch, 4 size)``, gates outer; and
         the new conv cache."""
         if self.conv_size:
-            x_conv, cache = causal_conv(x, self.conv, self.conv_bias, cache)
+            x_conv, cache = causal_conv(x, self.conv_weight, self.conv_bias, cache)
             x_conv = F.silu(x_conv)
         else:
             x_conv = x
@@ -281,18 +281,18 @@ class MLSTMBlock(nn.Module):
             )
         self.xlstm_norm = nn.Parameter(torch.zeros(size))
         self.proj_up = nn.Linear(size, 2 * inner, bias=False)
-        self.conv = nn.Parameter(torch.empty(inner, conv_size))
+        self.conv_weight = nn.Parameter(torch.empty(inner, conv_size))
         self.conv_bias = nn.Parameter(torch.empty(inner))
-        self.qkv = nn.Parameter(torch.empty(3, inner // qkv_block, qkv_block, qkv_block))
+        self.qkv_weight = nn.Parameter(torch.empty(3, inner // qkv_block, qkv_block, qkv_block))
         self.gates = nn.Linear(3 * inner, 2 * num_heads)  # input gate, then forget gate
         self.outnorm = nn.Parameter(torch.zeros(inner))
         self.skip = nn.Parameter(torch.ones(inner))
         self.proj_down = nn.Linear(inner, size, bias=False)
         with torch.no_grad():
             small_init_(self.proj_up.weight, size)
-            small_init_(self.qkv, size)
+            small_init_(self.qkv_weight, size)
             wang_init_(self.proj_down.weight, size, num_blocks)
-            conv_init_(self.conv, self.conv_bias)
+            conv_init_(self.conv_weight, self.conv_bias)
             self.gates.weight.zero_()
             nn.init.normal_(self.gates.bias[:num_heads], std=0.1)
             self.gates.bias[num_heads:] = torch.linspace(3.0, 6.0, num_heads)
@@ -301,10 +301,10 @@ class MLSTMBlock(nn.Module):
         memory, normaliser, m, cache = state
         batch, steps, _ = x.shape
         x_m, z = self.proj_up(layer_norm(x, self.xlstm_norm)).split(self.inner, dim=-1)
-        x_conv, cache = causal_conv(x_m, self.conv, self.conv_bias, cache)
+        x_conv, cache = causal_conv(x_m, self.conv_weight, self.conv_bias, cache)
         x_conv = F.silu(x_conv)
-        q, k = headwise(x_conv, self.qkv[0]), headwise(x_conv, self.qkv[1])
-        v = headwise(x_m, self.qkv[2])
+        q, k = headwise(x_conv, self.qkv_weight[0]), headwise(x_conv, self.qkv_weight[1])
+        v = headwise(x_m, self.qkv_weight[2])
         i_raw, f_raw = self.gates(torch.cat([q, k, v], -1)).transpose(1, 2).chunk(2, dim=1)
 
         def heads(y: torch.Tensor) -> torch.Tensor:  # (B, T, H d) -> (B, H, T, d)
