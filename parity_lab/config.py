@@ -112,7 +112,7 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
     _int(cfg, "model.num_layers", 1)
     _choice(cfg, "model.readout", READOUTS)
     _choice(cfg, "model.compile", COMPILE_MODES)
-    if "eigenvalues" in cfg.model:  # linear_rnn and deltanet only
+    if "eigenvalues" in cfg.model:  # linear_rnn and the deltanets only
         _choice(cfg, "model.eigenvalues", EIGENVALUES)
     if "max_len" in cfg.model:  # the Transformer: it cannot train on longer strings
         _int(cfg, "model.max_len", cfg.data.max_len)
@@ -125,6 +125,8 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
                 f"model.num_heads={cfg.model.num_heads} is invalid: expected a divisor of "
                 f"model.hidden_size={cfg.model.hidden_size}"
             )
+    if "conv_size" in cfg.model:  # the published DeltaNet and mLSTM's short convolution
+        _int(cfg, "model.conv_size", 1)
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
     if cfg.data.min_len > cfg.data.max_len:
