@@ -525,6 +525,32 @@ def run_status(run_dir: Path, network_accuracy: float) -> tuple[bool, str]:
     return solved, f"{run_dir}: {verdict} ({source}; right at {network_accuracy:.4f} of positions)"
 
 
+def certificate_line(proof: Any) -> str:
+    """The certificate's verdict, the first line analyze prints."""
+    if proof.certified is True:
+        return f"certified: right on every string of every length ({proof.note})"
+    if proof.certified is False:
+        return f"not exact: wrong on {proof.counterexample} ({proof.note})"
+    return f"not certified: no proof and no wrong string found ({proof.note})"
+
+
+def automaton_line(is_parity: bool, proof: Any) -> str:
+    """What the extracted automaton says, in words that never contradict the certificate."""
+    if not is_parity:
+        return "on the analysed strings it is NOT the 2-state parity automaton"
+    if proof.certified is True:
+        return "it is the 2-state parity automaton, at every length (certified)"
+    if proof.certified is False:
+        return (
+            "on the analysed strings it behaves as the 2-state parity automaton, but it is not "
+            f"one: it is wrong on {proof.counterexample}"
+        )
+    return (
+        "on the analysed strings it is the 2-state parity automaton (not proven for every "
+        "length)"
+    )
+
+
 def positive(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:
@@ -595,10 +621,19 @@ def analyze_run(args: argparse.Namespace, model: ParityRNN, cfg: Any) -> Analysi
     with SummaryWriter(str(args.run_dir)) as writer:
         writer.add_figure("analysis/trajectories", figure)
     machine = result.automaton
+    from parity_lab.certify import certify
+
+    proof = certify(model, cfg.data.encoding)
+    print(f"{args.run_dir}: {certificate_line(proof)}")
     solved, status = run_status(args.run_dir, result.network_accuracy)
     print(status)
-    if not solved:
-        print("  the network does not compute parity: the automaton below is what it computes")
+    if proof.certified is False:
+        print(
+            f"  the network does not compute parity (wrong on {proof.counterexample}): the "
+            "automaton below is what it computes on the analysed strings"
+        )
+    elif not solved:
+        print("  not solved: the automaton below is what it computes on the analysed strings")
     print(f"  {args.strings} strings of {length} bits")
     print(
         f"  k-means k={result.clusters}: transition consistency "
@@ -608,8 +643,8 @@ def analyze_run(args: argparse.Namespace, model: ParityRNN, cfg: Any) -> Analysi
     for state, (on0, on1) in sorted(machine.transitions.items()):
         print(f"    state {state} (output {machine.outputs[state]}): 0 -> {on0}, 1 -> {on1}")
     print(f"  agrees with the network on {result.agreement:.4f} of positions")
-    verdict = "is" if machine.num_states == 2 and machine.is_parity() else "is NOT"
-    print(f"  it {verdict} the 2-state parity automaton; written to {out}")
+    print(f"  {automaton_line(machine.num_states == 2 and machine.is_parity(), proof)}")
+    print(f"  written to {out}")
     found = transition_values(model, bits, cfg.data.encoding)
     if found:
         report_transitions(found, out, title, args.run_dir)

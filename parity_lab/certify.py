@@ -538,7 +538,7 @@ def certify(
 def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> dict[str, Any]:
     """The worst-case and certificate entries of ``metrics.json`` for a trained run.
 
-    ``test/worst_case_wrong``: the first worst-case string (``parity_lab.worst_case``) of at most
+    ``worst_case_wrong``: the first worst-case string (``parity_lab.worst_case``) of at most
     ``max(eval.lengths)`` bits the model gets wrong, or None; ``solved`` requires None. With a
     length curve, ``test/exact_until_random`` is the curve's figure (random strings only) and
     ``test/exact_until`` also stops before the first structured string it gets wrong.
@@ -549,7 +549,7 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
     lengths = [n for n in cfg.eval.lengths if n <= limit]
     out: dict[str, Any] = {}
     wrong = worst_case(model, max(lengths, default=1), encoding)
-    out["test/worst_case_wrong"] = None if wrong is None else wrong[1]
+    out["worst_case_wrong"] = None if wrong is None else wrong[1]
     if wrong is not None:
         out["solved"] = False
         out["solved_step"] = None
@@ -560,7 +560,7 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
         first = first_wrong_structured(model, longest, encoding) if wrong is None else wrong
         out["test/exact_until"] = random_exact if first is None else min(random_exact, first[0] - 1)
         if first is not None and wrong is None:
-            out["test/worst_case_wrong_long"] = first[1]
+            out["worst_case_wrong_long"] = first[1]
     if cfg.eval.get("certify", False):
         if wrong is not None:
             verdict = Certificate(False, counterexample=wrong[1], note="a worst-case string")

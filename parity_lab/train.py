@@ -86,8 +86,8 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_paramet
             f"(random strings alone: {metrics['test/exact_until_random']}), mean accuracy beyond "
             f"training {metrics.get('test/acc_unseen', float('nan')):.3f} (length_curve.png)"
         )
-    if metrics.get("test/worst_case_wrong") is not None:
-        accuracies += f"\n  worst case  wrong on {metrics['test/worst_case_wrong']}"
+    if metrics.get("worst_case_wrong") is not None:
+        accuracies += f"\n  worst case  wrong on {metrics['worst_case_wrong']}"
     if "certified" in metrics:
         verdict = {True: "certified: right on every string of every length", None: "not certified"}
         text = verdict.get(metrics["certified"], "certified: false")

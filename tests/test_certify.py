@@ -149,3 +149,33 @@ def test_streams_and_names_agree() -> None:
             assert expand(stream.name(n)) == bits[:n]
     assert run_length("1000000") == "1 0^6"
     assert expand("(1 0^3)^2 1") == "100010001"
+
+
+def test_the_sweep_summary_shows_certificates_and_worst_case_strings() -> None:
+    from parity_lab.report import Job, group_jobs, summary_table
+
+    def job(seed: int, certified: bool | None, wrong: str | None) -> Job:
+        metrics = {
+            "val/acc": 1.0,
+            "solved": wrong is None,
+            "solved_step": None,
+            "certified": certified,
+            "worst_case_wrong": wrong,
+            "certified_counterexample": wrong,
+            "test/exact_until": 30,
+            "test/exact_until_random": 100000,
+            "test/acc_unseen": 1.0,
+        }
+        return Job(seed, "ok", {"model": "lstm", "seed": str(seed)}, metrics=metrics)
+
+    jobs = [
+        job(0, False, "1 0^24"),
+        job(1, None, None),
+        job(2, False, "1 0^14"),
+        job(3, True, None),
+    ]
+    table = summary_table(group_jobs(jobs, ["model"]))
+    row = next(line for line in table.splitlines() if "model=lstm" in line)
+    assert "1/2/1" in row  # true / false / none
+    assert "`1 0^14`" in row  # the shortest string any seed got wrong
+    assert "100000, 100000, 100000, 100000" in row  # the random-only figure, per job

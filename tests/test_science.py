@@ -169,7 +169,11 @@ def test_analyze_command_on_a_run_dir(make_config, tmp_path: Path, capsys) -> No
 
     result = analyze.main([str(tmp_path), "--strings", "32"])
     assert result.automaton.num_states == 2 and result.automaton.is_parity()
-    assert "it is the 2-state parity automaton" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert "certified: right on every string of every length" in lines[0]
+    assert any(
+        "it is the 2-state parity automaton, at every length (certified)" in line for line in lines
+    )
     saved = json.loads((tmp_path / "analysis" / "automaton.json").read_text())
     assert len(saved["automaton"]["transitions"]) == 2
     assert (tmp_path / "analysis" / "trajectories.png").stat().st_size > 0
@@ -189,7 +193,8 @@ def test_analyze_says_first_that_an_unsolved_run_is_unsolved(
 
     analyze.main([str(tmp_path), "--strings", "32", "--max-clusters", "4"])
     lines = capsys.readouterr().out.splitlines()
-    assert "NOT solved" in lines[0] and "val/acc 0.500" in lines[0]
+    assert "not exact: wrong on" in lines[0]  # the certificate's verdict comes first
+    assert "NOT solved" in lines[1] and "val/acc 0.500" in lines[1]
     assert "it is NOT the 2-state parity automaton" in "\n".join(lines)
     assert not any("holds" in line for line in lines)
 
@@ -227,3 +232,16 @@ def leaking_rnn() -> ParityRNN:
 def test_zero_run_limit_finds_a_leaking_odd_state() -> None:
     limits = analyze.zero_run_limits(leaking_rnn(), torch.tensor([[1], [0]]), "bit", 100, 3)
     assert limits.tolist() == [4, 101]
+
+
+def test_analyze_never_contradicts_the_certificate() -> None:
+    """A network that looks like the parity automaton on short strings but is wrong on a
+    worst-case string is never called the parity automaton without that caveat."""
+    from parity_lab.certify import Certificate
+
+    wrong = Certificate(False, counterexample="1 0^24")
+    line = analyze.automaton_line(True, wrong)
+    assert "is not one" in line and "1 0^24" in line
+    assert "not proven" in analyze.automaton_line(True, Certificate(None))
+    assert "at every length" in analyze.automaton_line(True, Certificate(True))
+    assert analyze.certificate_line(wrong).startswith("not exact: wrong on 1 0^24")

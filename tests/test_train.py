@@ -91,7 +91,7 @@ def test_small_lstm_learns_parity_of_short_strings(make_config, tmp_path: Path) 
     metrics = train(cfg, run_dir=tmp_path)
     assert metrics["val/acc"] == 1.0 and metrics["test/acc_len_16"] == 1.0
     assert metrics["global_step"] < 600  # stopped once the validation sets were all right
-    wrong = metrics["test/worst_case_wrong"]
+    wrong = metrics["worst_case_wrong"]
     assert metrics["solved"] is (wrong is None)
     assert (metrics["solved_step"] is None) is (wrong is not None)
     if wrong is not None:  # a real mistake, of at most 16 bits
