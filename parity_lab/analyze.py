@@ -34,7 +34,13 @@ from parity_lab.data import encode, key_generator
 from parity_lab.evaluate import chunk_length
 from parity_lab.models import ParityRNN
 from parity_lab.predict import PredictError, load_run
-from parity_lab.run_files import CorruptResultError, atomic_path, read_metrics, write_atomic
+from parity_lab.run_files import (
+    CorruptResultError,
+    atomic_path,
+    read_metrics,
+    trust,
+    write_atomic,
+)
 
 START = -1  # the automaton's start state: the zero state before any bit
 RUNS = [8, 16, 24, 32, 48, 64, 128, 1024]  # runs of zeros after which parity loss is probed
@@ -525,7 +531,16 @@ def main(argv: list[str] | None = None) -> Analysis:
     parser.add_argument(
         "--drift", type=int, default=None, help="also follow streams up to this many bits"
     )
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of your own whose classes the run's config may name (repeatable; or "
+        "PARITY_LAB_TRUST=MODULE,...)",
+    )
     args = parser.parse_args(argv)
+    trust(args.trust)
 
     torch.set_num_threads(1)
     try:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from parity_lab.data import encode
 from parity_lab.evaluate import chunk_length
 from parity_lab.models import ParityRNN
-from parity_lab.run_files import UnsafeConfigError, checked_config, first_line
+from parity_lab.run_files import UnsafeConfigError, checked_config, first_line, trust
 
 BIT_STRING = re.compile("[01]+")
 
@@ -137,7 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/...)")
     parser.add_argument("bits", nargs="*", help="bit strings; read from stdin when none given")
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of your own whose classes the run's config may name (repeatable; or "
+        "PARITY_LAB_TRUST=MODULE,...)",
+    )
     args = parser.parse_args(argv)
+    trust(args.trust)
     try:
         strings = args.bits or stdin_strings()
         check_bit_strings(strings)

@@ -1,0 +1,81 @@
+"""A user's own cell, trusted from the command line or the environment, never from the run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from parity_lab import predict, run_files
+from parity_lab.run_files import UnsafeConfigError, checked_config, trust
+from tests.conftest import compose_config, save_as_run
+
+USER_CELL = """
+import torch
+from parity_lab.models.manual import ManualRecurrent
+
+
+class IndRNN(ManualRecurrent):
+    num_gates = 1
+
+    def weight_hh_shape(self):
+        return (self.hidden_size,)
+
+    def step(self, x_proj, state, weight_hh, bias_hh, saved=None):
+        h = torch.relu(x_proj + weight_hh * state[0] + bias_hh)
+        return h, (h,)
+"""
+USER_YAML = "defaults:\n  - lstm\n  - _self_\n\nrnn:\n  _target_: user_cells.IndRNN\n"
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory of the user's own, its module importable; nothing trusted yet."""
+    (tmp_path / "user_cells.py").write_text(USER_CELL)
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "indrnn.yaml").write_text(USER_YAML)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(run_files, "_trusted_modules", set())
+    monkeypatch.setattr(run_files, "_trusted_targets", {})
+    monkeypatch.delenv(run_files.TRUST_ENV, raising=False)
+    yield tmp_path
+    sys.modules.pop("user_cells", None)
+
+
+def user_config(target: str = "user_cells.IndRNN"):
+    cfg = compose_config("model.hidden_size=4")
+    cfg.model.rnn._target_ = target
+    return cfg
+
+
+def test_a_user_class_is_refused_until_the_user_trusts_it(user_dir: Path, monkeypatch) -> None:
+    cfg = user_config()
+    with pytest.raises(UnsafeConfigError, match="refusing model.rnn._target_='user_cells.IndRNN'"):
+        checked_config(cfg.model, Path("run"), "model")
+    trust(searchpath=[f"file://{user_dir / 'my_conf'}"])  # the classes its yaml names
+    assert checked_config(cfg.model, Path("run"), "model")["rnn"]["_target_"].endswith("IndRNN")
+    other = user_config("user_cells.Other")  # not named by the yaml: still refused
+    with pytest.raises(UnsafeConfigError):
+        checked_config(other.model, Path("run"), "model")
+    monkeypatch.setenv(run_files.TRUST_ENV, "user_cells")  # a whole module, from the environment
+    checked_config(other.model, Path("run"), "model")
+    with pytest.raises(UnsafeConfigError):  # trusting one module trusts no other
+        checked_config(user_config("os.system").model, Path("run"), "model")
+
+
+def test_predict_runs_a_user_cell_with_trust_and_refuses_it_without(
+    user_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = user_config()
+    model = instantiate(cfg.model)
+    run_dir = user_dir / "run"
+    save_as_run(run_dir, cfg, model)
+    with pytest.raises(SystemExit, match="refusing"):
+        predict.main([str(run_dir), "0110"])
+    predict.main([str(run_dir), "0110", "--trust", "user_cells"])
+    bits, parity, probability = capsys.readouterr().out.strip().split("\t")
+    assert bits == "0110" and parity in "01" and 0 <= float(probability) <= 1
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").model.rnn._target_.startswith("user")
