@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import itertools
+import math
 import signal
 import statistics
 import sys
@@ -248,6 +249,16 @@ def group_jobs(jobs: list[Job], swept: list[str]) -> list[Group]:
     return list(groups.values())
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% score interval of a success rate: 2/2 gives [0.34, 1], 0/2 [0, 0.66]."""
+    rate = successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = (
+        z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials**2)) / (1 + z * z / trials)
+    )
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -268,6 +279,7 @@ def summary_table(groups: list[Group]) -> str:
         "runs ok",
         "solved",
         "success rate",
+        "95% interval (Wilson)",
         "val/acc",
         longest_label(groups),
         "median steps to solve",
@@ -296,6 +308,9 @@ def summary_table(groups: list[Group]) -> str:
                 f"{len(group.ok)}/{len(group.jobs)}",
                 str(len(group.solved)),
                 "-" if rate is None else f"{rate:.2f}",
+                "-"
+                if rate is None
+                else "[{:.2f}, {:.2f}]".format(*wilson_interval(len(group.solved), len(group.ok))),
                 _mean_std(group.values("val/acc")),
                 _mean_std(group.values("acc_longest")),
                 "-" if step is None else f"{step:g}",
@@ -452,7 +467,7 @@ class SweepSummary(Callback):
         signal.signal(signal.SIGTERM, summarise_and_exit)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()  # as the run dirs are printed
         table = write_report(sweep_dir)
         print(f"\n{table}\n\nsummary: {sweep_dir / 'summary.md'} (+ summary.csv, summary.png)")
 

@@ -64,3 +64,19 @@ def test_help_describes_the_argument(capsys: pytest.CaptureFixture) -> None:
     assert exit.value.code == 0
     out = capsys.readouterr().out
     assert "SWEEP_DIR" in out and "several sweeps" in out and "unfinished" in out
+
+
+def test_success_rates_carry_a_wilson_interval(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sweep = tmp_path / "sweep"
+    for num, hidden in enumerate((4, 4, 8)):
+        fake_job(sweep, num, hidden)
+    (sweep / "2_model.hidden_size=8" / ".hydra" / "overrides.yaml").write_text(
+        "- model.hidden_size=8\n- seed=1\n"
+    )
+    assert main([str(sweep)]) == 0
+    table = (sweep / "summary.md").read_text()
+    assert "95% interval (Wilson)" in table
+    assert "| 1.00 | [0.34, 1.00] |" in table  # 2 of 2 solved says little
+    assert "| 1.00 | [0.21, 1.00] |" in table  # 1 of 1 says less

@@ -79,3 +79,18 @@ def test_predict_runs_a_user_cell_with_trust_and_refuses_it_without(
     bits, parity, probability = capsys.readouterr().out.strip().split("\t")
     assert bits == "0110" and parity in "01" and 0 <= float(probability) <= 1
     assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").model.rnn._target_.startswith("user")
+
+
+def test_the_rerun_command_keeps_the_users_searchpath(tmp_path: Path) -> None:
+    from parity_lab.tensorboard_log import RunOrigin
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  mode: RUN\n  overrides:\n    hydra: ['hydra.searchpath=[file://my_conf]', "
+        "'hydra.run.dir=x']\n    task: [model=indrnn]\n  job:\n    config:\n      "
+        "override_dirname:\n        exclude_keys: []\n  runtime:\n    cwd: /home/me/cells\n"
+        "    choices: {model: indrnn}\n"
+    )
+    assert RunOrigin.of(tmp_path).command == (
+        "cd /home/me/cells && python -m parity_lab 'hydra.searchpath=[file://my_conf]' model=indrnn"
+    )
