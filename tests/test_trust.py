@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +15,7 @@ from omegaconf import OmegaConf
 
 from parity_lab import predict, run_files
 from parity_lab.run_files import UnsafeConfigError, checked_config, trust
-from tests.conftest import compose_config, save_as_run
+from tests.conftest import ROOT, compose_config, save_as_run
 
 USER_CELL = """
 import torch
@@ -94,3 +98,44 @@ def test_the_rerun_command_keeps_the_users_searchpath(tmp_path: Path) -> None:
     assert RunOrigin.of(tmp_path).command == (
         "cd /home/me/cells && python -m parity_lab 'hydra.searchpath=[file://my_conf]' model=indrnn"
     )
+
+
+def test_docs_sweep_of_a_user_cell_resumes_predicts_analyzes_and_reports_from_its_own_directory(
+    tmp_path: Path,
+) -> None:
+    """docs/cells.md's sweep command as written (tiny steps appended), run outside the repo;
+    then resume (trusted through the searchpath), predict, analyze (--trust, PARITY_LAB_TRUST)
+    and report."""
+    from tests.test_cells import CELLS_DOC, EXAMPLE_CELL, EXAMPLE_YAML
+
+    (tmp_path / "my_cells.py").write_text(EXAMPLE_CELL)
+    (tmp_path / "my_conf" / "model").mkdir(parents=True)
+    (tmp_path / "my_conf" / "model" / "mgu.yaml").write_text(EXAMPLE_YAML)
+    (command,) = re.findall(r"^python -m parity_lab (.* -m .*)$", CELLS_DOC, re.M)
+    tiny = "trainer.max_steps=4 trainer.val_check_interval=2 eval.num_val=16 eval.num_test=16 "
+    tiny += "eval.lengths=[20] trainer.enable_progress_bar=false hydra.sweep.dir=sw"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop(run_files.TRUST_ENV, None)
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", *args], cwd=tmp_path, env={**env, **extra},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    sweep = run("parity_lab", *shlex.split(command), *tiny.split())
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert f"summary: {tmp_path / 'sw' / 'summary.md'}" in sweep.stdout  # absolute
+    job = "sw/0_model=mgu,seed=0"
+    assert (tmp_path / job / "metrics.json").is_file()
+    (tmp_path / job / "metrics.json").unlink()  # as if it had been stopped
+    assert "refusing" in run("parity_lab", f"resume={job}").stderr
+    resumed = run("parity_lab", "hydra.searchpath=[file://my_conf]", f"resume={job}")
+    assert resumed.returncode == 0 and (tmp_path / job / "metrics.json").is_file(), resumed.stderr
+    assert run("parity_lab.predict", job, "0110").returncode != 0
+    predicted = run("parity_lab.predict", job, "0110", "--trust", "my_cells")
+    assert predicted.returncode == 0 and predicted.stdout.startswith("0110\t"), predicted.stderr
+    analyzed = run("parity_lab.analyze", job, "--strings", "8", PARITY_LAB_TRUST="my_cells")
+    assert analyzed.returncode == 0 and (tmp_path / job / "analysis" / "automaton.json").is_file()
+    report = run("parity_lab.report", "sw")
+    assert report.returncode == 0 and "model=mgu" in report.stdout
