@@ -1,7 +1,9 @@
 """``python -m parity_lab.predict RUN_DIR [BITS ...]``: a trained run's parity of each bit string.
 
 Prints one line per string, ``bits<TAB>parity<TAB>probability``: ``probability`` is the model's
-probability that the string's parity is 1, and ``parity`` is 1 exactly when it exceeds 0.5.
+probability that the string's parity is 1, and ``parity`` is 1 exactly when it exceeds 0.5. A
+string over 64 bits is echoed as its first and last 20 bits and its length. Any argument that is
+not a bit string (the empty one ``''`` too) is refused in one line before any output.
 Strings come from the command line, or from stdin (one per line) when none are given. The model
 is rebuilt from ``RUN_DIR/.hydra/config.yaml``, only from the project's own model classes, and
 its weights are read from ``RUN_DIR/checkpoints/last.ckpt`` with ``torch.load(weights_only=True)``,
@@ -37,6 +39,12 @@ def check_bit_strings(strings: list[str]) -> None:
         if not BIT_STRING.fullmatch(bits):
             shown = bits if len(bits) <= 40 else bits[:40] + "..."
             raise PredictError(f"{shown!r} is not a bit string: expected one or more of 0 and 1")
+
+
+def shown(bits: str, limit: int = 64) -> str:
+    """``bits`` as echoed: whole up to ``limit`` bits, else its first and last 20 and its length
+    (a string of 10^6 bits would print a 1 MB line)."""
+    return bits if len(bits) <= limit else f"{bits[:20]}...{bits[-20:]} ({len(bits)} bits)"
 
 
 def check_readable(model: ParityRNN, strings: list[str]) -> None:
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     probabilities = parity_probabilities(model, strings, cfg.data.encoding)
     try:
         for bits, probability in zip(strings, probabilities, strict=True):
-            print(f"{bits}\t{int(probability > 0.5)}\t{probability:.6f}")
+            print(f"{shown(bits)}\t{int(probability > 0.5)}\t{probability:.6f}")
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left (``| head -1``): stop quietly, as the docs of
         # Python's signal module advise, so the exit-time flush does not complain either
