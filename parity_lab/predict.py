@@ -17,15 +17,14 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
-from parity_lab.data import encode
-from parity_lab.evaluate import chunk_length
-from parity_lab.models import ParityRNN
 from parity_lab.run_files import UnsafeConfigError, checked_config, first_line, trust
+
+if TYPE_CHECKING:  # torch loads only once the arguments are read: --help answers at once
+    from omegaconf import DictConfig
+
+    from parity_lab.models import ParityRNN
 
 BIT_STRING = re.compile("[01]+")
 
@@ -63,6 +62,10 @@ def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
     The model is built only from the classes the project's ``conf/model/`` files name and plain
     values: a run directory is data, and any other ``_target_`` in it is refused unbuilt.
     """
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
     config_path = run_dir / ".hydra" / "config.yaml"
     checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
     if not config_path.is_file():
@@ -98,7 +101,6 @@ def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
     return model.eval(), cfg
 
 
-@torch.no_grad()
 def parity_probabilities(
     model: ParityRNN, strings: list[str], encoding: str, chunk_len: int | None = None
 ) -> list[float]:
@@ -107,23 +109,29 @@ def parity_probabilities(
     Strings of equal length run as one batch, ``chunk_len`` bits at a time with the recurrent
     state carried across, so memory does not grow with the string length.
     """
+    import torch
+
+    from parity_lab.data import encode
+    from parity_lab.evaluate import chunk_length
+
     chunk_len = chunk_length(model, chunk_len)
-    by_length: dict[int, list[int]] = {}
-    for index, bits in enumerate(strings):
-        by_length.setdefault(len(bits), []).append(index)
-    probabilities = [0.0] * len(strings)
-    for indices in by_length.values():
-        bits = torch.stack(
-            [torch.frombuffer(bytearray(strings[i], "ascii"), dtype=torch.uint8) for i in indices]
-        ).long() - ord("0")
-        state, last_logits = None, None
-        for chunk in bits.split(chunk_len, dim=1):
-            lengths = torch.full((len(indices),), chunk.shape[1])
-            logits, state = model.run(encode(chunk, lengths, encoding), state)
-            last_logits = logits[:, -1]
-        for i, probability in zip(indices, torch.sigmoid(last_logits.double()), strict=True):
-            probabilities[i] = probability.item()
-    return probabilities
+    with torch.no_grad():
+        by_length: dict[int, list[int]] = {}
+        for index, bits in enumerate(strings):
+            by_length.setdefault(len(bits), []).append(index)
+        probabilities = [0.0] * len(strings)
+        for indices in by_length.values():
+            rows = [bytearray(strings[i], "ascii") for i in indices]
+            bits = torch.stack([torch.frombuffer(r, dtype=torch.uint8) for r in rows]).long()
+            bits -= ord("0")
+            state, last_logits = None, None
+            for chunk in bits.split(chunk_len, dim=1):
+                lengths = torch.full((len(indices),), chunk.shape[1])
+                logits, state = model.run(encode(chunk, lengths, encoding), state)
+                last_logits = logits[:, -1]
+            for i, probability in zip(indices, torch.sigmoid(last_logits.double()), strict=True):
+                probabilities[i] = probability.item()
+        return probabilities
 
 
 def stdin_strings() -> list[str]:
@@ -141,7 +149,9 @@ def stdin_strings() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m parity_lab.predict", description=__doc__.split("\n\n")[1]
+        prog="python -m parity_lab.predict",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/...)")
     parser.add_argument("bits", nargs="*", help="bit strings; read from stdin when none given")
@@ -162,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         check_readable(model, strings)
     except PredictError as error:
         sys.exit(f"predict: {error}")
+    import torch
+
     torch.set_num_threads(cfg.num_threads)
     probabilities = parity_probabilities(model, strings, cfg.data.encoding)
     try:
