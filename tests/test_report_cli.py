@@ -80,3 +80,20 @@ def test_success_rates_carry_a_wilson_interval(
     assert "95% interval (Wilson)" in table
     assert "| 1.00 | [0.34, 1.00] |" in table  # 2 of 2 solved says little
     assert "| 1.00 | [0.21, 1.00] |" in table  # 1 of 1 says less
+
+
+def test_several_sweeps_make_one_table_in_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    baseline, new = tmp_path / "baseline", tmp_path / "new"
+    fake_job(baseline, 0, 4)
+    fake_job(new, 0, 8)
+    with pytest.raises(SystemExit):  # where the table goes must be said
+        main([str(baseline), str(new)])
+    out = tmp_path / "compare"
+    assert main([str(baseline), str(new), "--out", str(out)]) == 0
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["model.hidden_size"] for row in rows) == ["4", "8"]
+    assert "model.hidden_size=4" in (out / "summary.md").read_text()
+    assert not (baseline / "summary.md").exists() and not (new / "summary.md").exists()
