@@ -12,6 +12,7 @@ import tempfile
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,6 +28,7 @@ from parity_lab.run_files import (
     read_metrics,
     release_run_lock,
     run_lock,
+    trust,
     write_atomic,
 )
 
@@ -88,6 +90,7 @@ def run(cfg: DictConfig) -> float:
     # On resume, the run's own directory: Hydra re-reads its runtime.output_dir as a config string.
     run_dir = Path(cfg.resume if cfg.resume is not None else hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    trust(searchpath=hydra_cfg.searchpath)  # this command's own (a requeued job's, too)
     if cfg.resume is None and requeued(run_dir):
         cfg.resume = literal(str(run_dir))  # its config: the one Hydra just composed again
     try:
@@ -186,6 +189,52 @@ def resume_in_place(argv: list[str]) -> list[str]:
     return argv
 
 
+def overrides_first(argv: list[str]) -> list[str]:
+    """``argv`` with every override before Hydra's options, in their own orders. Hydra's argparse
+    reads the overrides as one run of positional arguments, so ``A -m B`` would refuse ``B``;
+    options and their values (``--cfg hydra``, ``-p KEY``, ``--info [WHAT]``) keep together."""
+    from hydra._internal.utils import get_args_parser
+
+    takes_value: dict[str, Any] = {}  # option -> its choices (None: any value), "?" optional
+    for action in get_args_parser()._actions:
+        if action.option_strings and action.nargs != 0:
+            for option in action.option_strings:
+                takes_value[option] = (action.nargs, action.choices)
+    overrides, options = [], []
+    args = iter(argv[1:])
+    for arg in args:
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        options.append(arg)
+        if arg in takes_value:
+            nargs, choices = takes_value[arg]
+            following = next(args, None)
+            if following is None:
+                continue
+            if nargs == "?" and following not in (choices or ()):
+                overrides.append(following)  # --info without a value, then an override
+            else:
+                options.append(following)
+    return [argv[0], *overrides, *options]
+
+
+def searchpath(argv: list[str]) -> list[str]:
+    """The entries of the ``hydra.searchpath=[...]`` overrides in ``argv`` (as Hydra parses them);
+    an override Hydra cannot parse is left for Hydra to report."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    entries: list[str] = []
+    for arg in argv[1:]:
+        if arg.lstrip("+").startswith("hydra.searchpath="):
+            try:
+                value = OverridesParser.create().parse_override(arg.lstrip("+")).value()
+            except Exception:
+                continue
+            entries += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return entries
+
+
 OUTPUT_DIR = re.compile(r"\+{0,2}(hydra\.(?:run|sweep)\.dir)=(.*)", re.DOTALL)
 
 
@@ -253,6 +302,8 @@ def check_output_dirs(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     try:
+        sys.argv = overrides_first(sys.argv)
+        trust(searchpath=searchpath(sys.argv))
         check_group_choices(sys.argv)
         sys.argv = directory_overrides(resume_in_place(sys.argv))
         check_output_dirs(sys.argv)

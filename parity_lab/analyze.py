@@ -41,6 +41,7 @@ from parity_lab.run_files import (
     read_metrics,
     refuse_links,
     run_lock,
+    trust,
     write_atomic,
 )
 
@@ -578,7 +579,16 @@ def main(argv: list[str] | None = None) -> Analysis:
     parser.add_argument(
         "--drift", type=positive, default=None, help="also follow streams up to this many bits"
     )
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of your own whose classes the run's config may name (repeatable; or "
+        "PARITY_LAB_TRUST=MODULE,...)",
+    )
     args = parser.parse_args(argv)
+    trust(args.trust)
 
     torch.set_num_threads(1)
     try:

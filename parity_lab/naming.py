@@ -77,10 +77,20 @@ def short_keys(keys: Sequence[str]) -> dict[str, str]:
             depth[key] += 1
 
 
-def override_label(overrides: Iterable[str], exclude_keys: Iterable[str] = ()) -> str:
+def is_group(key: str) -> bool:
+    """Whether ``key`` is a config group of ``conf/`` (``model``, ``experiment``), whose choice
+    names a file there."""
+    return key.isidentifier() and key != "hydra" and (CONFIG_DIR / key).is_dir()
+
+
+def override_label(
+    overrides: Iterable[str], exclude_keys: Iterable[str] = (), limit: int = MAX_NAME
+) -> str:
     """``model=gru,hidden_size=16,seed=1`` from a run's command-line overrides, leaving out
     ``exclude_keys``: group choices and other top-level keys first, then nested keys, seed last,
-    each group in command-line order (which is the same in every job of a sweep)."""
+    each group in command-line order (which is the same in every job of a sweep). Past ``limit``
+    characters a group choice is written as its value alone (``state_tracking_1to40,
+    linear_rnn_signed,seed=0``), so a cut that follows keeps the choices in view."""
     excluded = set(exclude_keys)
     values = {k: v for k, v in override_values(overrides).items() if k not in excluded}
 
@@ -89,12 +99,16 @@ def override_label(overrides: Iterable[str], exclude_keys: Iterable[str] = ()) -
 
     keys = sorted(values, key=order)  # stable: command-line order within each rank
     shorts = short_keys(keys)
-    return safe(",".join(f"{shorts[key]}={values[key]}" for key in keys))
+    label = safe(",".join(f"{shorts[key]}={values[key]}" for key in keys))
+    if len(label) <= limit:
+        return label
+    parts = (values[key] if is_group(key) else f"{shorts[key]}={values[key]}" for key in keys)
+    return safe(",".join(parts))
 
 
 def job_dir_name(num: int, overrides: Sequence[str], exclude_keys: Sequence[str]) -> str:
     """A sweep job's directory: ``<num>_<the overrides that differ between jobs>``."""
-    label = override_label(overrides, exclude_keys)
+    label = override_label(overrides, exclude_keys, MAX_NAME - len(f"{num}_"))
     return bounded(f"{num}_{label}" if label else str(num))
 
 

@@ -1,7 +1,9 @@
 """``python -m parity_lab.predict RUN_DIR [BITS ...]``: a trained run's parity of each bit string.
 
 Prints one line per string, ``bits<TAB>parity<TAB>probability``: ``probability`` is the model's
-probability that the string's parity is 1, and ``parity`` is 1 exactly when it exceeds 0.5.
+probability that the string's parity is 1, and ``parity`` is 1 exactly when it exceeds 0.5. A
+string over 64 bits is echoed as its first and last 20 bits and its length. Any argument that is
+not a bit string (the empty one ``''`` too) is refused in one line before any output.
 Strings come from the command line, or from stdin (one per line) when none are given. The model
 is rebuilt from ``RUN_DIR/.hydra/config.yaml``, only from the project's own model classes, and
 its weights are read from ``RUN_DIR/checkpoints/last.ckpt`` with ``torch.load(weights_only=True)``,
@@ -15,16 +17,21 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from parity_lab.run_files import (
+    RunFileError,
+    check_checkpoint_archive,
+    first_line,
+    read_run_config,
+    trust,
+)
 
-from parity_lab.config import ConfigError, validate
-from parity_lab.data import encode
-from parity_lab.evaluate import chunk_length
-from parity_lab.models import ParityRNN
-from parity_lab.run_files import RunFileError, check_checkpoint_archive, first_line, read_run_config
+if TYPE_CHECKING:  # torch loads only once the arguments are read: --help answers at once
+    import torch
+    from omegaconf import DictConfig
+
+    from parity_lab.models import ParityRNN
 
 BIT_STRING = re.compile("[01]+")
 
@@ -38,6 +45,12 @@ def check_bit_strings(strings: list[str]) -> None:
         if not BIT_STRING.fullmatch(bits):
             shown = bits if len(bits) <= 40 else bits[:40] + "..."
             raise PredictError(f"{shown!r} is not a bit string: expected one or more of 0 and 1")
+
+
+def shown(bits: str, limit: int = 64) -> str:
+    """``bits`` as echoed: whole up to ``limit`` bits, else its first and last 20 and its length
+    (a string of 10^6 bits would print a 1 MB line)."""
+    return bits if len(bits) <= limit else f"{bits[:20]}...{bits[-20:]} ({len(bits)} bits)"
 
 
 def check_readable(model: ParityRNN, strings: list[str]) -> None:
@@ -57,6 +70,8 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def non_finite_weight(state_dict: dict[str, torch.Tensor]) -> str | None:
+    import torch
+
     """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
     for name, tensor in state_dict.items():
         floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
@@ -73,6 +88,11 @@ def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
     and any other ``_target_`` in it is refused unbuilt. The checkpoint's sizes are checked in
     its archive before any tensor is read, and weights that are not finite are refused.
     """
+    import torch
+    from hydra.utils import instantiate
+
+    from parity_lab.config import ConfigError, validate
+
     config_path = run_dir / ".hydra" / "config.yaml"
     checkpoint_path = run_dir / "checkpoints" / "last.ckpt"
     if not config_path.is_file():
@@ -122,7 +142,6 @@ def load_run(run_dir: Path) -> tuple[ParityRNN, DictConfig]:
     return model.eval(), cfg
 
 
-@torch.no_grad()
 def parity_probabilities(
     model: ParityRNN, strings: list[str], encoding: str, chunk_len: int | None = None
 ) -> list[float]:
@@ -131,23 +150,29 @@ def parity_probabilities(
     Strings of equal length run as one batch, ``chunk_len`` bits at a time with the recurrent
     state carried across, so memory does not grow with the string length.
     """
+    import torch
+
+    from parity_lab.data import encode
+    from parity_lab.evaluate import chunk_length
+
     chunk_len = chunk_length(model, chunk_len)
-    by_length: dict[int, list[int]] = {}
-    for index, bits in enumerate(strings):
-        by_length.setdefault(len(bits), []).append(index)
-    probabilities = [0.0] * len(strings)
-    for indices in by_length.values():
-        bits = torch.stack(
-            [torch.frombuffer(bytearray(strings[i], "ascii"), dtype=torch.uint8) for i in indices]
-        ).long() - ord("0")
-        state, last_logits = None, None
-        for chunk in bits.split(chunk_len, dim=1):
-            lengths = torch.full((len(indices),), chunk.shape[1])
-            logits, state = model.run(encode(chunk, lengths, encoding), state)
-            last_logits = logits[:, -1]
-        for i, probability in zip(indices, torch.sigmoid(last_logits.double()), strict=True):
-            probabilities[i] = probability.item()
-    return probabilities
+    with torch.no_grad():
+        by_length: dict[int, list[int]] = {}
+        for index, bits in enumerate(strings):
+            by_length.setdefault(len(bits), []).append(index)
+        probabilities = [0.0] * len(strings)
+        for indices in by_length.values():
+            rows = [bytearray(strings[i], "ascii") for i in indices]
+            bits = torch.stack([torch.frombuffer(r, dtype=torch.uint8) for r in rows]).long()
+            bits -= ord("0")
+            state, last_logits = None, None
+            for chunk in bits.split(chunk_len, dim=1):
+                lengths = torch.full((len(indices),), chunk.shape[1])
+                logits, state = model.run(encode(chunk, lengths, encoding), state)
+                last_logits = logits[:, -1]
+            for i, probability in zip(indices, torch.sigmoid(last_logits.double()), strict=True):
+                probabilities[i] = probability.item()
+        return probabilities
 
 
 def stdin_strings() -> list[str]:
@@ -165,11 +190,22 @@ def stdin_strings() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m parity_lab.predict", description=__doc__.split("\n\n")[1]
+        prog="python -m parity_lab.predict",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/...)")
     parser.add_argument("bits", nargs="*", help="bit strings; read from stdin when none given")
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of your own whose classes the run's config may name (repeatable; or "
+        "PARITY_LAB_TRUST=MODULE,...)",
+    )
     args = parser.parse_args(argv)
+    trust(args.trust)
     try:
         strings = args.bits or stdin_strings()
         check_bit_strings(strings)
@@ -177,11 +213,13 @@ def main(argv: list[str] | None = None) -> None:
         check_readable(model, strings)
     except PredictError as error:
         sys.exit(f"predict: {error}")
+    import torch
+
     torch.set_num_threads(cfg.num_threads)
     probabilities = parity_probabilities(model, strings, cfg.data.encoding)
     try:
         for bits, probability in zip(strings, probabilities, strict=True):
-            print(f"{bits}\t{int(probability > 0.5)}\t{probability:.6f}")
+            print(f"{shown(bits)}\t{int(probability > 0.5)}\t{probability:.6f}")
         sys.stdout.flush()
     except BrokenPipeError:  # the reader left (``| head -1``): stop quietly, as the docs of
         # Python's signal module advise, so the exit-time flush does not complain either

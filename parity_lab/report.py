@@ -15,6 +15,8 @@ import argparse
 import contextlib
 import csv
 import itertools
+import math
+import os
 import signal
 import statistics
 import sys
@@ -201,7 +203,7 @@ def write_csv(jobs: list[Job], sweep_dir: Path) -> Path:
                 [
                     job.num,
                     job.status,
-                    job.dir.relative_to(sweep_dir) if job.dir else "",
+                    os.path.relpath(job.dir, sweep_dir) if job.dir else "",
                     *(job.overrides.get(k, "") for k in override_keys),
                     *(job.metrics.get(k, "") for k in metrics),
                     job.note,
@@ -258,6 +260,16 @@ def group_jobs(jobs: list[Job], swept: list[str]) -> list[Group]:
     return list(groups.values())
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% score interval of a success rate: 2/2 gives [0.34, 1], 0/2 [0, 0.66]."""
+    rate = successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = (
+        z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials**2)) / (1 + z * z / trials)
+    )
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -278,6 +290,7 @@ def summary_table(groups: list[Group]) -> str:
         "runs ok",
         "solved",
         "success rate",
+        "95% interval (Wilson)",
         "val/acc",
         longest_label(groups),
         "median steps to solve",
@@ -313,6 +326,9 @@ def summary_table(groups: list[Group]) -> str:
                 f"{len(group.ok)}/{len(group.jobs)}",
                 str(len(group.solved)),
                 "-" if rate is None else f"{rate:.2f}",
+                "-"
+                if rate is None
+                else "[{:.2f}, {:.2f}]".format(*wilson_interval(len(group.solved), len(group.ok))),
                 _mean_std(group.values("val/acc")),
                 _mean_std(group.values("acc_longest")),
                 "-" if step is None else f"{step:g}",
@@ -424,10 +440,12 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
                 ys,
                 yerr=None if metric is None else errs,
                 marker="o",
-                linestyle="-" if numeric else ":",  # categories: no in-between values
+                linestyle="-" if numeric else "none",  # categories: points, never joined
                 capsize=3,
                 label=hue or None,
             )
+        if metric is not None:  # accuracies: 0.5 is guessing
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_title(title)
         ax.set_xlabel(x_key or "")
         ax.set_ylim(-0.05, 1.05)
@@ -449,10 +467,12 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
     return path
 
 
-def write_report(sweep_dir: Path | str) -> str:
-    """Write summary.csv, summary.md and summary.png for a sweep dir; return the table."""
+def write_report(sweep_dir: Path | str, sources: list[Path] | None = None) -> str:
+    """Write summary.csv, summary.md and summary.png for a sweep dir; return the table. With
+    ``sources``, the summary of all their jobs together (one table over several sweeps: a new
+    cell beside a stored baseline) goes into ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
-    jobs = collect_jobs(sweep_dir)
+    jobs = [job for source in sources or [sweep_dir] for job in collect_jobs(source)]
     swept, fixed = swept_keys(jobs)
     groups = group_jobs(jobs, swept)
     write_csv(jobs, sweep_dir)
@@ -482,7 +502,7 @@ class SweepSummary(Callback):
         signal.signal(signal.SIGTERM, summarise_and_exit)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()  # as the run dirs are printed
         table = write_report(sweep_dir)
         print(f"\n{table}\n\nsummary: {sweep_dir / 'summary.md'} (+ summary.csv, summary.png)")
 
@@ -532,19 +552,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "sweep_dir",
         type=Path,
+        nargs="+",
         metavar="SWEEP_DIR",
-        help="a sweep directory (outputs/sweeps/...), or a directory of sweeps",
+        help="a sweep directory (outputs/sweeps/...), or a directory of sweeps; several: one "
+        "table over all their jobs, written to --out",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the table over several SWEEP_DIRs goes (created; the sweeps are left as "
+        "they are); required with more than one SWEEP_DIR",
+    )
+    args = parser.parse_args(argv)
+    if len(args.sweep_dir) > 1 and args.out is None:
+        parser.error("several SWEEP_DIRs make one table: say where it goes with --out DIR")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        sweeps = find_sweeps(args.sweep_dir)
+        sweeps = [sweep for path in args.sweep_dir for sweep in find_sweeps(path)]
     except ReportError as error:
         print(f"report: {error}", file=sys.stderr)
         return 2
+    if len(args.sweep_dir) > 1:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(write_report(args.out, sweeps))
+        print(f"\nwrote {(args.out / 'summary.csv').absolute()}, summary.md, summary.png")
+        return 0
     for sweep_dir in sweeps:
         if len(sweeps) > 1:
             print(f"\n== {sweep_dir} ==")

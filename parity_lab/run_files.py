@@ -1,5 +1,5 @@
-"""A run directory is data: its config names only the project's own classes, and results are
-written whole or not at all.
+"""A run directory is data: its config names only the project's own classes (or those the user
+trusts on the command line), and results are written whole or not at all.
 
 Kept light (no torch at import): the config checks and ``python -m parity_lab.report`` use it.
 """
@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -265,9 +265,15 @@ def check_checkpoint_archive(path: Path, tensor_bytes: int) -> None:
 def project_targets() -> dict[str, frozenset[str]]:
     """Every ``_target_`` the project's own ``conf/`` files name, by top-level config key
     (``model``, ``data``, ``loss``, ...): what a run's config may ask to build."""
+    return config_targets(CONF)
+
+
+def config_targets(conf_dir: Path) -> dict[str, frozenset[str]]:
+    """Every ``_target_`` the yaml files of one config directory name, by top-level config key
+    (a file's group is its first folder below ``conf_dir``)."""
     found: dict[str, set[str]] = {}
-    for path in sorted(CONF.rglob("*.yaml")):
-        group = path.relative_to(CONF).parts[0]
+    for path in sorted(Path(conf_dir).rglob("*.yaml")):
+        group = path.relative_to(conf_dir).parts[0]
         if group in ("hydra", "config.yaml"):
             continue
         node = OmegaConf.load(path)
@@ -277,6 +283,35 @@ def project_targets() -> dict[str, frozenset[str]]:
             if key_path and isinstance(target, str):
                 found.setdefault(str(key_path[0]), set()).add(target)
     return {group: frozenset(targets) for group, targets in found.items()}
+
+
+TRUST_ENV = "PARITY_LAB_TRUST"  # comma-separated modules whose classes a run may name
+TRUST_HINT = (
+    "to use your own code, trust it from the command line: --trust MODULE (predict, analyze), "
+    f"{TRUST_ENV}=MODULE, or the hydra.searchpath=[file://DIR] your yaml is in"
+)
+_trusted_modules: set[str] = set()
+_trusted_targets: dict[str, set[str]] = {}
+
+
+def trust(modules: Iterable[str] = (), searchpath: Iterable[str] = ()) -> None:
+    """Let run configs name the user's own classes: every class of ``modules`` (and of their
+    submodules), and the ``_target_``s the yaml files of each ``file://`` directory of
+    ``searchpath`` name, under their group. Only ever called with what the user typed (command
+    line, environment), never with anything read from a run directory."""
+    _trusted_modules.update(modules)
+    for entry in searchpath:
+        if str(entry).startswith("file://") and Path(str(entry)[7:]).is_dir():
+            for group, targets in config_targets(Path(str(entry)[7:])).items():
+                _trusted_targets.setdefault(group, set()).update(targets)
+
+
+def _is_trusted(target: str, group: str) -> bool:
+    modules = _trusted_modules | set(filter(None, os.environ.get(TRUST_ENV, "").split(",")))
+    module = target.rpartition(".")[0]
+    return target in _trusted_targets.get(group, ()) or any(
+        module == name or module.startswith(name + ".") for name in modules
+    )
 
 
 def _targets(node: Any, key_path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
@@ -316,7 +351,9 @@ def allowed_target(group: str, target: Any) -> bool:
     the project's own ``conf/<group>/`` targets, or a model class of ``parity_lab.models``.
     The one place to extend what a run directory may name."""
     return isinstance(target, str) and (
-        target in project_targets().get(group, ()) or (group == "model" and _is_model_class(target))
+        target in project_targets().get(group, ())
+        or (group == "model" and _is_model_class(target))
+        or _is_trusted(target, group)
     )
 
 
@@ -350,7 +387,8 @@ def read_run_config(path: Path) -> DictConfig:
 
 def checked_config(cfg: DictConfig | ListConfig, source: Path, key: str = "") -> Any:
     """``cfg`` resolved to plain values, once every ``_target_`` in it, at any depth, is one the
-    project's own ``conf/<group>/`` files name (or a model class of ``parity_lab.models``);
+    project's own ``conf/<group>/`` files name (or a model class of ``parity_lab.models``, or one
+    the user trusts: ``trust``);
     ``key`` is ``cfg``'s own place in the run's config (``model``), empty for the whole config.
     Raises ``UnsafeConfigError`` naming the first other target and ``source``.
     """
@@ -367,6 +405,6 @@ def checked_config(cfg: DictConfig | ListConfig, source: Path, key: str = "") ->
         where = ".".join(map(str, (*key_path, "_target_")))
         raise UnsafeConfigError(
             f"{source}: refusing {where}={target!r}: a run directory may only name the "
-            f"project's own classes (those in conf/{group or '<group>'}/)"
+            f"project's own classes (those in conf/{group or '<group>'}/); {TRUST_HINT}"
         )
     return plain

@@ -9,6 +9,7 @@ run: a metric a run did not measure is then only blank for that run.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ class RunOrigin:
     choices: dict[str, str]
     overrides: list[str]
     swept: list[str]
+    searchpath: list[str] = dataclasses.field(default_factory=list)  # the user's config dirs
+    cwd: str = ""  # where the run started: a relative searchpath and the user's module are there
 
     @classmethod
     def of(cls, run_dir: Path) -> RunOrigin:
@@ -61,12 +64,18 @@ class RunOrigin:
         excluded = hydra["job"]["config"]["override_dirname"]["exclude_keys"]
         swept = list(override_values(overrides)) if hydra["mode"] == "MULTIRUN" else []
         choices = {k: str(v) for k, v in hydra["runtime"]["choices"].items() if v is not None}
-        return cls(choices, overrides, [k for k in swept if k not in excluded])
+        searchpath = [
+            str(o) for o in hydra["overrides"]["hydra"] if str(o).startswith("hydra.searchpath=")
+        ]
+        swept = [k for k in swept if k not in excluded]
+        return cls(choices, overrides, swept, searchpath, str(hydra["runtime"]["cwd"]))
 
     @property
     def command(self) -> str:
-        """The command that reruns this run (one job of a sweep alone)."""
-        return shlex.join(["python", "-m", "parity_lab", *self.overrides])
+        """The command that reruns this run (one job of a sweep alone); a run of the user's own
+        configs reruns from the directory it started in, with their ``hydra.searchpath``."""
+        command = shlex.join(["python", "-m", "parity_lab", *self.searchpath, *self.overrides])
+        return f"cd {shlex.quote(self.cwd)} && {command}" if self.searchpath else command
 
 
 def run_settings(cfg: DictConfig, origin: RunOrigin) -> dict[str, Setting]:

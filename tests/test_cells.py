@@ -151,6 +151,56 @@ def test_hand_written_backward_matches_autograd(cls: type[ManualRecurrent]) -> N
         torch.testing.assert_close(ours, reference, msg=lambda m, name=name: f"{name}: {m}")
 
 
+class DiagonalRNN(ManualRecurrent):
+    """IndRNN (Li et al., 2018): h = relu(W x + b + u * h), its own diagonal recurrent weight."""
+
+    num_gates = 1
+
+    def weight_hh_shape(self) -> tuple[int, ...]:
+        return (self.hidden_size,)
+
+    def step(self, x_proj, state, weight_hh, bias_hh, saved=None):  # noqa: ANN001, ANN201
+        h = torch.relu(x_proj + weight_hh * state[0] + bias_hh)
+        return h, (h,)
+
+
+STEP_ONLY = [c for c in [*CELLS, DiagonalRNN] if not has_hand_written_backward(c)]
+
+
+@pytest.mark.parametrize("cls", STEP_ONLY, ids=[c.__name__ for c in STEP_ONLY])
+def test_traced_backward_of_a_step_only_cell_matches_autograd(
+    cls: type[ManualRecurrent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell that defines only ``step`` trains through the backward traced from it (not plain
+    autograd), and its gradients match autograd through the plain loop."""
+    from parity_lab.models import manual
+
+    cell = make_cell(cls)
+    x = torch.randn(3, 6, 3, dtype=torch.float64, requires_grad=True)
+    state = tuple(s.requires_grad_() for s in random_state(cell, 3))
+    inputs = [x, *state, *cell.parameters()]
+    calls = []
+    apply = manual.DerivedBackpropThroughTime.apply
+    monkeypatch.setattr(
+        manual.DerivedBackpropThroughTime, "apply", lambda *a: calls.append(1) or apply(*a)
+    )
+    outputs, final = cell(x, as_torch_state(cell, state))
+    assert len(calls) == cell.num_layers  # the traced backward, not autograd through each step
+    loss = outputs.square().sum() + sum(f.sum() for f in as_tuple(cell, final))
+    traced = torch.autograd.grad(loss, inputs)
+    plain_out, plain_final = plain_loop(cell, x, state)
+    reference = torch.autograd.grad(
+        plain_out.square().sum() + sum(f.sum() for f in plain_final), inputs
+    )
+    for ours, theirs in zip(traced, reference, strict=True):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_a_cell_with_its_own_recurrent_shape_counts_its_true_parameters() -> None:
+    cell = DiagonalRNN(1, 16)
+    assert sum(p.numel() for p in cell.parameters()) == 4 * 16  # W_ih, u, b_ih, b_hh
+
+
 def test_docs_example_trains_from_another_directory(tmp_path: Path) -> None:
     """The example cell and yaml, written to a directory of their own, train from there through
     ``hydra.searchpath``, as docs/cells.md says."""

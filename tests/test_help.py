@@ -74,3 +74,22 @@ def test_readme_shortening_overrides_are_real_keys_with_valid_values() -> None:
         cfg = compose_config(*experiment, *overrides)
         validate(cfg)
         assert cfg.trainer.max_epochs == 1 and cfg.eval.num_test == 64
+
+
+@pytest.mark.parametrize("module", ["parity_lab.predict", "parity_lab.report"])
+def test_help_answers_before_torch_loads_and_shows_defaults(module: str) -> None:
+    """``--help`` parses the arguments before the seconds of ``import torch``."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv = [{module!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_module({module!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().endswith("no torch"), result.stdout[-500:]
+    assert "usage:" in result.stdout

@@ -158,3 +158,31 @@ def test_a_stored_sweep_prints_its_plan_with_options_after_the_overrides() -> No
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "params:" in result.stdout and "model:" in result.stdout
+
+
+def test_group_choices_stay_in_view_as_their_values_when_the_name_is_long():
+    overrides = ["experiment=state_tracking_1to40", "model=linear_rnn_signed", "seed=0"]
+    assert run_dir_suffix(None, overrides, []) == "_state_tracking_1to40,linear_rnn_signed,seed=0"
+    assert job_dir_name(3, ["model=gru", "seed=1"], []) == "3_model=gru,seed=1"  # fits: keys kept
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hydra.searchpath=[file://my_conf]", "-m", "model=mgu,gru", "seed=0,1,2"],
+        ["-m", "hydra.searchpath=[file://my_conf]", "model=mgu,gru", "seed=0,1,2"],
+        ["hydra.searchpath=[file://my_conf]", "model=mgu,gru", "seed=0,1,2", "-m"],
+    ],
+)
+def test_overrides_on_both_sides_of_an_option_reach_hydra_together(argv: list[str]):
+    from hydra._internal.utils import get_args_parser
+
+    from parity_lab.__main__ import overrides_first
+
+    normal = overrides_first(["parity_lab", *argv])
+    parsed = get_args_parser().parse_args(normal[1:])
+    assert parsed.multirun and parsed.overrides == [a for a in argv if a != "-m"]
+    assert overrides_first(["p", "sweep=rfr", "--cfg", "hydra", "-p", "hydra.sweeper", "x=1"]) == [
+        "p", "sweep=rfr", "x=1", "--cfg", "hydra", "-p", "hydra.sweeper"
+    ]  # fmt: skip
+    assert overrides_first(["p", "--info", "x=1"]) == ["p", "x=1", "--info"]

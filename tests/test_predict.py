@@ -75,7 +75,10 @@ def test_prints_bits_parity_and_probability_per_string(trained_run: Path) -> Non
     result = predict(str(trained_run), *strings)
     assert result.returncode == 0, result.stderr
     lines = [line.split("\t") for line in result.stdout.splitlines()]
-    assert [bits for bits, _, _ in lines] == strings
+    assert [bits for bits, _, _ in lines] == [
+        *strings[:3],
+        "1" * 20 + "..." + "1" * 20 + " (101 bits)",
+    ]
     assert [int(p) for _, p, _ in lines] == [parity(bits) for bits in strings]
     assert all((float(prob) > 0.5) == (p == "1") for _, p, prob in lines)
     from_stdin = predict(str(trained_run), stdin="".join(f"{bits}\n" for bits in strings))
@@ -86,9 +89,10 @@ def test_prints_bits_parity_and_probability_per_string(trained_run: Path) -> Non
     ("args", "stdin", "named"),
     [
         (["0110", "01a1"], None, "'01a1' is not a bit string"),
+        (["0110", ""], None, "'' is not a bit string"),
         ([], "0110\n\n1 0\n", "'1 0' is not a bit string"),  # blank lines are skipped
     ],
-    ids=["argument", "stdin-line"],
+    ids=["argument", "empty-argument", "stdin-line"],
 )
 def test_a_string_that_is_not_bits_is_named_before_any_output(
     trained_run: Path, args: list[str], stdin: str | None, named: str

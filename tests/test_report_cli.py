@@ -64,3 +64,36 @@ def test_help_describes_the_argument(capsys: pytest.CaptureFixture) -> None:
     assert exit.value.code == 0
     out = capsys.readouterr().out
     assert "SWEEP_DIR" in out and "several sweeps" in out and "unfinished" in out
+
+
+def test_success_rates_carry_a_wilson_interval(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sweep = tmp_path / "sweep"
+    for num, hidden in enumerate((4, 4, 8)):
+        fake_job(sweep, num, hidden)
+    (sweep / "2_model.hidden_size=8" / ".hydra" / "overrides.yaml").write_text(
+        "- model.hidden_size=8\n- seed=1\n"
+    )
+    assert main([str(sweep)]) == 0
+    table = (sweep / "summary.md").read_text()
+    assert "95% interval (Wilson)" in table
+    assert "| 1.00 | [0.34, 1.00] |" in table  # 2 of 2 solved says little
+    assert "| 1.00 | [0.21, 1.00] |" in table  # 1 of 1 says less
+
+
+def test_several_sweeps_make_one_table_in_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    baseline, new = tmp_path / "baseline", tmp_path / "new"
+    fake_job(baseline, 0, 4)
+    fake_job(new, 0, 8)
+    with pytest.raises(SystemExit):  # where the table goes must be said
+        main([str(baseline), str(new)])
+    out = tmp_path / "compare"
+    assert main([str(baseline), str(new), "--out", str(out)]) == 0
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["model.hidden_size"] for row in rows) == ["4", "8"]
+    assert "model.hidden_size=4" in (out / "summary.md").read_text()
+    assert not (baseline / "summary.md").exists() and not (new / "summary.md").exists()

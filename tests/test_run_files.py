@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from parity_lab.config import ConfigError, resume_config
 from parity_lab.predict import PredictError, load_run
-from parity_lab.run_files import RunFileError, write_atomic
+from parity_lab.run_files import TRUST_HINT, RunFileError, write_atomic
 from parity_lab.train import train
 from tests.conftest import ROOT, compose_config
 
@@ -110,7 +110,8 @@ def test_predict_cli_names_the_target_and_the_file_and_creates_nothing(
         name = module.rsplit(".", 1)[1]
         assert result.stderr == (
             f"{name}: {run / '.hydra' / 'config.yaml'}: refusing model.rnn._target_='os.makedirs':"
-            " a run directory may only name the project's own classes (those in conf/model/)\n"
+            " a run directory may only name the project's own classes (those in conf/model/); "
+            f"{TRUST_HINT}\n"
         )
         assert not marker.exists()
 

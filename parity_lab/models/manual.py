@@ -55,11 +55,17 @@ class ManualRecurrent(nn.Module):
             columns = input_size if layer == 0 else hidden_size
             self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(rows, columns)))
             self.register_parameter(
-                f"weight_hh_l{layer}", nn.Parameter(torch.empty(rows, hidden_size))
+                f"weight_hh_l{layer}", nn.Parameter(torch.empty(self.weight_hh_shape()))
             )
             self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(rows)))
             self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(rows)))
         self.reset_parameters()
+
+    def weight_hh_shape(self) -> tuple[int, ...]:
+        """Shape of each layer's recurrent weight, which ``step`` receives as ``weight_hh``:
+        torch's ``(num_gates * hidden_size, hidden_size)``; a cell may declare another (IndRNN's
+        diagonal ``(hidden_size,)``) and keeps the traced backward and its true parameter count."""
+        return (self.num_gates * self.hidden_size, self.hidden_size)
 
     def reset_parameters(self) -> None:
         """torch's initialisation: every weight uniform in +-1/sqrt(hidden_size)."""
