@@ -133,6 +133,13 @@ def write_atomic(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
+# metrics.json entries that are text: worst-case strings written as runs (``1 0^24``), and why a
+# certificate was not found.
+TEXT_METRICS = frozenset(
+    {"worst_case_wrong", "worst_case_wrong_long", "certified_counterexample", "certify_note"}
+)
+
+
 def read_metrics(path: Path) -> dict[str, Any]:
     """A finished run's ``metrics.json``; ``CorruptResultError`` saying why when it is not one
     (empty, cut short, not an object, a value that is not a number)."""
@@ -152,7 +159,12 @@ def read_metrics(path: Path) -> dict[str, Any]:
     for key, value in metrics.items():
         if key.startswith(("val/", "test/")) and not _is_number(value):
             raise CorruptResultError(f"{path.name} has {key}={value!r}: not a number")
+        if key == "certified" and value not in (True, False, None):
+            raise CorruptResultError(
+                f"{path.name} has certified={value!r}: not true, false or null"
+            )
         plain = value is None or isinstance(value, bool) or _is_number(value)
+        plain = plain or (isinstance(value, str) and key in TEXT_METRICS)
         if not plain and not (isinstance(value, dict) and all(map(_is_number, value.values()))):
             raise CorruptResultError(f"{path.name} has {key}={value!r}: not a plain value")
     return metrics

@@ -179,3 +179,25 @@ def test_the_sweep_summary_shows_certificates_and_worst_case_strings() -> None:
     assert "1/2/1" in row  # true / false / none
     assert "`1 0^14`" in row  # the shortest string any seed got wrong
     assert "100000, 100000, 100000, 100000" in row  # the random-only figure, per job
+
+
+def test_metrics_with_certificates_read_back(tmp_path) -> None:
+    import json
+
+    from parity_lab.run_files import CorruptResultError, read_metrics
+
+    path = tmp_path / "metrics.json"
+    good = {
+        "val/acc": 1.0,
+        "solved": False,
+        "certified": False,
+        "worst_case_wrong": "1 0^24",
+        "certified_counterexample": "1 0^24",
+        "certify_note": "a worst-case string",
+    }
+    path.write_text(json.dumps(good))
+    assert read_metrics(path) == good
+    for bad in ({"certified": "yes"}, {"some_key": "text"}):
+        path.write_text(json.dumps({**good, **bad}))
+        with pytest.raises(CorruptResultError):
+            read_metrics(path)
