@@ -326,7 +326,10 @@ def test_run_stopped_when_solved_resumes_to_the_same_end(make_config, tmp_path: 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     expected = train(cfg, run_dir=tmp_path)
-    assert expected["solved_step"] == expected["global_step"] < 600
+    # stopped when the validation sets were all right (solved_step is null if a worst-case
+    # string is wrong: solved asks for those too)
+    assert expected["global_step"] < 600
+    assert expected["solved_step"] in (None, expected["global_step"])
     (tmp_path / "metrics.json").unlink()
     resumed = train(resume_config(str(tmp_path)))
     assert without_timings(resumed) == without_timings(expected)
@@ -493,7 +496,7 @@ def test_report_lists_corrupt_results_and_summarises_the_rest(tmp_path: Path) ->
     assert [row["status"] for row in rows] == ["ok"] + ["corrupt"] * 5
     for row, (_, note) in zip(rows[1:], list(jobs.values())[1:], strict=True):
         assert note in row["note"], row
-    assert "| all jobs | 1/6 | 1 | 1.00 | 1.000 | 1.000 | 40 | 5 corrupt |" in table
+    assert "| all jobs | 1/6 | 1 | 1.00 | [0.21, 1.00] | 1.000 | 1.000 | 40 | 5 corrupt |" in table
     assert "6 jobs: 1 ok, 5 corrupt." in (tmp_path / "summary.md").read_text()
 
 
