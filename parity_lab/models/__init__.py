@@ -4,6 +4,7 @@ state-tracking families (linear RNNs, DeltaNet, xLSTM cells, a Transformer)."""
 from parity_lab.models.classifier import ParityRNN
 from parity_lab.models.deltanet import DeltaNet
 from parity_lab.models.linear_rnn import LinearRNN
+from parity_lab.models.mamba import Mamba
 from parity_lab.models.manual import ManualGRU, ManualLSTM, ManualRNN
 from parity_lab.models.mlstm import MLSTM
 from parity_lab.models.slstm import SLSTM
@@ -15,6 +16,7 @@ __all__ = [
     "CausalTransformer",
     "DeltaNet",
     "LinearRNN",
+    "Mamba",
     "ManualGRU",
     "ManualLSTM",
     "ManualRNN",
