@@ -19,24 +19,117 @@ are its initial values: ``A_log = log(1..d_state)`` per channel, ``D = 1``, and 
 inverse softplus of steps log-uniform in ``[dt_min, dt_max]``. The embedding is a linear map of
 the input (for ``bit`` encoding, bit 0 reads its bias and bit 1 bias + weight: a 2-row table).
 
-The scan is ``linear_scan`` over the ``expand * d_model * d_state`` states: products and sums
-only, so exact for signed transitions. The state carried between chunks is, per layer, the last
+The selective scan runs in ``kernels/selective_scan.c`` (CPU float32; one call per chunk forward
+and one backward, every state kept in registers: PyTorch spends ~250 ms a training step moving
+tensors of (batch, time, channels, states) through memory). Elsewhere (float64, GPU, no C
+compiler, ``PARITY_LAB_NATIVE=0``) it is ``linear_scan`` over the ``expand * d_model * d_state``
+states, the reference the tests hold the kernel to. Both multiply and add only: exact for signed
+transitions. The state carried between chunks is, per layer, the last
 ``h`` and the last ``d_conv - 1`` inputs of the convolution.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import subprocess
+import warnings
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from parity_lab import EIGENVALUES
+from parity_lab.models import native
 from parity_lab.models.linear_rnn import PIECE, linear_scan
 
-# The state of one layer: (h (batch, d_inner, d_state), convolution inputs (batch, d_inner, k-1)).
+# One layer's state: h (batch, d_inner, d_state), last convolution inputs (batch, k-1, d_inner).
 LayerState = tuple[torch.Tensor, torch.Tensor]
+
+
+@functools.cache
+def scan_library(d_state: int) -> ctypes.CDLL | None:
+    """The selective-scan kernel for ``d_state`` states, or None (with a warning) without one."""
+    if not native.enabled():
+        return None
+    try:
+        library = ctypes.CDLL(str(native.build("selective_scan", d_state)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(
+            f"parity_lab: could not build the C kernel selective_scan.c, Mamba's scan runs in "
+            f"PyTorch (slower, same results): {error}",
+            stacklevel=2,
+        )
+        return None
+    size, address = ctypes.c_long, ctypes.c_void_p
+    library.scan_forward.argtypes = [size, size, size, ctypes.c_int] + [address] * 9
+    library.scan_forward.restype = ctypes.c_int
+    library.scan_backward.argtypes = [size, size, size, ctypes.c_int] + [address] * 16
+    library.scan_backward.restype = ctypes.c_int
+    return library
+
+
+def kernel_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the scan kernel can run these tensors (CPU float32, not being traced)."""
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and not torch.compiler.is_compiling()
+        and scan_library(tensors[-1].shape[-1]) is not None
+    )
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class SelectiveScan(torch.autograd.Function):
+    """``apply(dt, u, B, C, A, D, h0, signed) -> (y, h_last)`` through the C kernel, channels
+    last: ``A`` is (d_state, inner), ``h0`` and ``h_last`` (batch, d_state, inner); ``y``
+    (batch, time, inner) includes the ``D`` skip."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        dt: torch.Tensor,
+        u: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        A: torch.Tensor,
+        D: torch.Tensor,
+        h0: torch.Tensor,
+        signed: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dt, u, B, C, A, D, h0 = (t.contiguous() for t in (dt, u, B, C, A, D, h0))
+        rows, steps, inner = u.shape
+        y, h_last = u.new_empty(rows, steps, inner), torch.empty_like(h0)
+        status = scan_library(A.shape[0]).scan_forward(
+            rows, steps, inner, int(signed), *map(_address, (dt, u, B, C, A, D, h0, y, h_last))
+        )
+        if status:
+            raise MemoryError("selective_scan.c: no memory for the forward's buffer")
+        ctx.save_for_backward(dt, u, B, C, A, D, h0)
+        ctx.signed = signed
+        return y, h_last
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, g_y: torch.Tensor, g_h_last: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        dt, u, B, C, A, D, h0 = ctx.saved_tensors
+        rows, steps, inner = u.shape
+        g_y = g_y.contiguous()
+        g_h_last = None if g_h_last is None else g_h_last.contiguous()
+        g_dt, g_u, g_h0 = torch.empty_like(dt), torch.empty_like(u), torch.empty_like(h0)
+        g_B, g_C, g_A, g_D = (torch.zeros_like(t) for t in (B, C, A, D))
+        status = scan_library(A.shape[0]).scan_backward(
+            rows, steps, inner, int(ctx.signed),
+            *map(_address, (dt, u, B, C, A, D, h0, g_y, g_h_last, g_dt, g_u, g_B, g_C, g_A, g_D,
+                            g_h0)),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("selective_scan.c: no memory for the backward's buffer")
+        return g_dt, g_u, g_B, g_C, g_A, g_D, g_h0, None
 
 
 class RMSNorm(nn.Module):
@@ -89,29 +182,52 @@ class MambaMixer(nn.Module):
         batch = x.shape[0]
         return (
             x.new_zeros(batch, self.inner, self.d_state),
-            x.new_zeros(batch, self.inner, self.d_conv - 1),
+            x.new_zeros(batch, self.d_conv - 1, self.inner),
         )
 
     def forward(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         h0, tail = state
-        batch, steps, _ = x.shape
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        # causal depthwise convolution, continuing from the previous chunk's last inputs
-        seq = torch.cat([tail, u.transpose(1, 2)], dim=2)
-        new_tail = seq[:, :, seq.shape[2] - (self.d_conv - 1) :]
-        u = F.silu(F.conv1d(seq, self.conv1d.weight, self.conv1d.bias, groups=self.inner))
-        u = u.transpose(1, 2)  # (batch, time, inner)
+        # causal depthwise convolution (cross-correlation, as nn.Conv1d), continuing from the
+        # previous chunk's last inputs; in (batch, time, inner), so no transposed copies
+        seq = torch.cat([tail, u], dim=1) if self.d_conv > 1 else u
+        weight, steps = self.conv1d.weight[:, 0], u.shape[1]  # (inner, d_conv)
+        conv = self.conv1d.bias + seq[:, :steps] * weight[:, 0]
+        for k in range(1, self.d_conv):
+            conv = conv + seq[:, k : k + steps] * weight[:, k]
+        new_tail = seq[:, seq.shape[1] - (self.d_conv - 1) :]
+        u = F.silu(conv)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))  # (batch, time, inner)
-        a = torch.exp(dt.unsqueeze(-1) * -torch.exp(self.A_log))  # (batch, time, inner, d_state)
+        A = -torch.exp(self.A_log)
+        if kernel_applies(dt, u, B, C, A, self.D, h0):
+            y, h_last = SelectiveScan.apply(
+                dt, u, B, C, A.t(), self.D, h0.transpose(1, 2), self.signed
+            )
+            h_last = h_last.transpose(1, 2)
+        else:
+            y, h_last = self.scan(dt, u, B, C, A, h0)
+        return self.out_proj(y * F.silu(z)), (h_last, new_tail)
+
+    def scan(
+        self,
+        dt: torch.Tensor,
+        u: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        A: torch.Tensor,
+        h0: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selective scan in PyTorch: ``(y with the D skip, last h)``."""
+        batch, steps, _ = u.shape
+        a = torch.exp(dt.unsqueeze(-1) * A)  # (batch, time, inner, d_state)
         if self.signed:
             a = 2 * a - 1
         b = (dt * u).unsqueeze(-1) * B.unsqueeze(2)
         size = self.inner * self.d_state
         h = linear_scan(a.reshape(batch, steps, size), b.reshape(batch, steps, size), h0.flatten(1))
         h = h.view(batch, steps, self.inner, self.d_state)
-        y = (h @ C.unsqueeze(-1)).squeeze(-1) + self.D * u
-        return self.out_proj(y * F.silu(z)), (h[:, -1], new_tail)
+        return (h @ C.unsqueeze(-1)).squeeze(-1) + self.D * u, h[:, -1]
 
 
 class MambaLayer(nn.Module):
