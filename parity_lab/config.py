@@ -114,6 +114,14 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
     _choice(cfg, "model.compile", COMPILE_MODES)
     if "eigenvalues" in cfg.model:  # linear_rnn and the deltanets only
         _choice(cfg, "model.eigenvalues", EIGENVALUES)
+    for key in ("d_state", "expand", "dt_rank", "d_conv"):  # mamba
+        if key in cfg.model:
+            _int(cfg, f"model.{key}", 1)
+    if "dt_min" in cfg.model and not 0 < cfg.model.dt_min <= cfg.model.dt_max:
+        raise ConfigError(
+            f"model.dt_min={cfg.model.dt_min}, model.dt_max={cfg.model.dt_max} are invalid: "
+            "expected 0 < dt_min <= dt_max"
+        )
     if "max_len" in cfg.model:  # the Transformer: it cannot train on longer strings
         _int(cfg, "model.max_len", cfg.data.max_len)
     if "positional" in cfg.model:

@@ -6,6 +6,7 @@ from parity_lab.models.classifier import ParityRNN
 from parity_lab.models.deltanet import DeltaNet
 from parity_lab.models.deltanet_published import DeltaNetPublished
 from parity_lab.models.linear_rnn import LinearRNN
+from parity_lab.models.mamba import Mamba
 from parity_lab.models.manual import ManualGRU, ManualLSTM, ManualRNN
 from parity_lab.models.mlstm import MLSTM
 from parity_lab.models.slstm import SLSTM
@@ -21,6 +22,7 @@ __all__ = [
     "DeltaNet",
     "DeltaNetPublished",
     "LinearRNN",
+    "Mamba",
     "ManualGRU",
     "ManualLSTM",
     "ManualRNN",

@@ -1,0 +1,129 @@
+/* Mamba's selective scan over a chunk, forward and backward, in one call each.
+ *
+ * Per row r, channel c and state n (N = HIDDEN states, E channels):
+ *   h_t[n, c] = a_t[n, c] h_{t-1}[n, c] + dt_t[c] u_t[c] B_t[n],
+ *   a_t[n, c] = exp(dt_t[c] A[n, c]) (signed: 2 exp(dt_t[c] A[n, c]) - 1),
+ *   y_t[c] = sum_n C_t[n] h_t[n, c] + D[c] u_t[c].
+ * The same arithmetic as MambaMixer.scan (parity_lab/models/mamba.py), which stays the reference.
+ * Loops run over channels innermost (contiguous, vectorised, no horizontal sums), and a row's
+ * N x E states stay in the L1 cache: nothing of size (time, channels, states) goes to memory
+ * in the forward, and the backward recomputes one row's states and transitions into a buffer.
+ * Compiled and loaded by parity_lab/models/native.py (-DHIDDEN=N).
+ *
+ * Layouts, all contiguous float32: dt, u, y, g_y, g_dt, g_u (R,T,E); Bm, Cm, g_B, g_C (R,T,N);
+ * A, g_A (N,E) (transposed from the module's (E,N)); D, g_D (E); h0, h_last, g_h_last, g_h0
+ * (R,N,E).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define N HIDDEN
+
+/* exp's argument is clamped: the build uses -ffast-math, and exp(-80) is already 0 in float */
+static inline float exp_(float x) { return expf(fmaxf(x, -80.0f)); }
+
+/* One step of one row: h (N,E) from h_prev; e (N,E) receives exp(dt A). The transition is
+ * e + sign * (e - 1): e, or 2 e - 1 when signed (no branch in the loop). */
+static inline void step(long E, float sign, const float *restrict d, const float *restrict x,
+                        const float *restrict Bt, const float *restrict A,
+                        const float *restrict h_prev, float *restrict h, float *restrict e) {
+    for (int n = 0; n < N; n++) {
+        const float b = Bt[n];
+        const float *restrict An = A + n * E, *restrict hp = h_prev + n * E;
+        float *restrict hn = h + n * E, *restrict en = e + n * E;
+        for (long c = 0; c < E; c++) {
+            en[c] = exp_(d[c] * An[c]);
+            hn[c] = (en[c] + sign * (en[c] - 1.0f)) * hp[c] + d[c] * x[c] * b;
+        }
+    }
+}
+
+/* Returns 0, or -1 when the two rows of state cannot be allocated. */
+int scan_forward(long R, long T, long E, int sign, const float *dt, const float *u,
+                 const float *Bm, const float *Cm, const float *A, const float *D,
+                 const float *h0, float *y, float *h_last) {
+    float *buffer = malloc(sizeof(float) * 3 * N * (size_t)E);
+    if (!buffer) return -1;
+    for (long r = 0; r < R; r++) {
+        float *h = buffer, *h_next = buffer + N * E;
+        memcpy(h, h0 + r * N * E, sizeof(float) * N * E);
+        for (long t = 0; t < T; t++) {
+            const long i = (r * T + t) * E;
+            const float *restrict Ct = Cm + (r * T + t) * N;
+            step(E, (float)sign, dt + i, u + i, Bm + (r * T + t) * N, A, h, h_next,
+                 buffer + 2 * N * E);
+            float *restrict yt = y + i;
+            for (long c = 0; c < E; c++) yt[c] = D[c] * u[i + c];
+            for (int n = 0; n < N; n++)
+                for (long c = 0; c < E; c++) yt[c] += Ct[n] * h_next[n * E + c];
+            float *swap = h;
+            h = h_next;
+            h_next = swap;
+        }
+        memcpy(h_last + r * N * E, h, sizeof(float) * N * E);
+    }
+    free(buffer);
+    return 0;
+}
+
+/* Gradients of everything from g_y and g_h_last (NULL: zero). g_A and g_D are accumulated into
+ * (the caller zeroes them); the others are written. Returns 0, or -1 when the buffer cannot be
+ * allocated. */
+int scan_backward(long R, long T, long E, int sign, const float *dt, const float *u,
+                  const float *Bm, const float *Cm, const float *A, const float *D,
+                  const float *h0, const float *g_y, const float *g_h_last, float *g_dt,
+                  float *g_u, float *g_B, float *g_C, float *g_A, float *g_D, float *g_h0) {
+    const long S = N * E;
+    float *hs = malloc(sizeof(float) * ((size_t)(2 * T + 2) * S));
+    if (!hs) return -1;
+    float *es = hs + (T + 1) * S; /* es[t] = exp(dt_t A), hs[t + 1] = h_t */
+    float *gh = es + T * S;
+    const float s = sign ? 2.0f : 1.0f, fsign = (float)sign;
+    for (long r = 0; r < R; r++) {
+        memcpy(hs, h0 + r * S, sizeof(float) * S);
+        for (long t = 0; t < T; t++) {
+            const long i = (r * T + t) * E;
+            step(E, (float)sign, dt + i, u + i, Bm + (r * T + t) * N, A, hs + t * S,
+                 hs + (t + 1) * S, es + t * S);
+        }
+        if (g_h_last)
+            memcpy(gh, g_h_last + r * S, sizeof(float) * S);
+        else
+            memset(gh, 0, sizeof(float) * S);
+        for (long t = T - 1; t >= 0; t--) {
+            const long i = (r * T + t) * E;
+            const float *restrict d = dt + i, *restrict x = u + i, *restrict gy = g_y + i;
+            const float *restrict Bt = Bm + (r * T + t) * N, *restrict Ct = Cm + (r * T + t) * N;
+            float *restrict gBt = g_B + (r * T + t) * N, *restrict gCt = g_C + (r * T + t) * N;
+            float *restrict gdt = g_dt + i, *restrict gu = g_u + i;
+            for (long c = 0; c < E; c++) {
+                gdt[c] = 0.0f;
+                gu[c] = gy[c] * D[c];
+                g_D[c] += gy[c] * x[c];
+            }
+            for (int n = 0; n < N; n++) {
+                const float *restrict hp = hs + t * S + n * E, *restrict hc = hs + (t + 1) * S + n * E;
+                const float *restrict et = es + t * S + n * E, *restrict An = A + n * E;
+                float *restrict ghn = gh + n * E, *restrict gAn = g_A + n * E;
+                const float b = Bt[n], cn = Ct[n];
+                float gb = 0.0f, gc = 0.0f;
+                for (long c = 0; c < E; c++) {
+                    const float g = ghn[c] + gy[c] * cn; /* dL/dh_t */
+                    const float ga = g * hp[c] * s * et[c]; /* dL/d(dt A) through a_t */
+                    gc += gy[c] * hc[c];
+                    gdt[c] += ga * An[c] + g * x[c] * b;
+                    gAn[c] += ga * d[c];
+                    gu[c] += g * d[c] * b;
+                    gb += g * d[c] * x[c];
+                    ghn[c] = g * (et[c] + fsign * (et[c] - 1.0f));
+                }
+                gBt[n] = gb;
+                gCt[n] = gc;
+            }
+        }
+        memcpy(g_h0 + r * S, gh, sizeof(float) * S);
+    }
+    free(hs);
+    return 0;
+}

@@ -1,0 +1,317 @@
+"""The published Mamba block (Gu & Dao, 2023) as Grazzi et al. (ICLR 2025) run it on parity.
+
+Their single-layer parity model (``parity_mamba_single_layer.yaml`` in the authors' code, which
+builds the pure-PyTorch Mamba of the ``mambapy`` package): a token embedding of width
+``d_model``, then per layer ``x + mixer(rmsnorm(x))``, where the mixer is
+
+- ``in_proj`` to two branches of width ``expand * d_model``: ``x`` and a gate ``z``;
+- a causal depthwise convolution of ``x`` (kernel ``d_conv``: 1 in their parity runs), then SiLU;
+- ``x_proj`` to an input-dependent step ``dt`` (rank ``dt_rank``), ``B`` and ``C`` (``d_state``
+  each); ``dt = softplus(dt_proj(dt))`` per channel;
+- per channel and state, ``h_t = a_t * h_{t-1} + dt_t B_t x_t`` with ``a_t = exp(dt_t A)``,
+  ``A = -exp(A_log)``; ``eigenvalues: signed`` maps ``a_t`` to ``2 a_t - 1`` before the scan, in
+  [-1, 1] (the authors' ``positive_and_negative``);
+- ``y_t = C_t . h_t + D x_t``, times ``silu(z_t)``, then ``out_proj``.
+
+Parameter names and shapes are mambapy's (``layers.<i>.mixer.in_proj.weight``, ...,
+``layers.<i>.norm.weight``), so ``self.layers`` loads a ``mambapy.mamba.Mamba`` state dict; so
+are its initial values: ``A_log = log(1..d_state)`` per channel, ``D = 1``, and ``dt``'s bias the
+inverse softplus of steps log-uniform in ``[dt_min, dt_max]``. The embedding is a linear map of
+the input (for ``bit`` encoding, bit 0 reads its bias and bit 1 bias + weight: a 2-row table).
+
+The selective scan runs in ``kernels/selective_scan.c`` (CPU float32; one call per chunk forward
+and one backward, every state kept in registers: PyTorch spends ~250 ms a training step moving
+tensors of (batch, time, channels, states) through memory). Elsewhere (float64, GPU, no C
+compiler, ``PARITY_LAB_NATIVE=0``) it is ``linear_scan`` over the ``expand * d_model * d_state``
+states, the reference the tests hold the kernel to. Both multiply and add only: exact for signed
+transitions. The state carried between chunks is, per layer, the last
+``h`` and the last ``d_conv - 1`` inputs of the convolution.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import subprocess
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from parity_lab import EIGENVALUES
+from parity_lab.models import native
+from parity_lab.models.linear_rnn import PIECE, linear_scan
+
+# One layer's state: h (batch, d_inner, d_state), last convolution inputs (batch, k-1, d_inner).
+LayerState = tuple[torch.Tensor, torch.Tensor]
+
+
+@functools.cache
+def scan_library(d_state: int) -> ctypes.CDLL | None:
+    """The selective-scan kernel for ``d_state`` states, or None (with a warning) without one."""
+    if not native.enabled():
+        return None
+    try:
+        library = ctypes.CDLL(str(native.build("selective_scan", d_state)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(
+            f"parity_lab: could not build the C kernel selective_scan.c, Mamba's scan runs in "
+            f"PyTorch (slower, same results): {error}",
+            stacklevel=2,
+        )
+        return None
+    size, address = ctypes.c_long, ctypes.c_void_p
+    library.scan_forward.argtypes = [size, size, size, ctypes.c_int] + [address] * 9
+    library.scan_forward.restype = ctypes.c_int
+    library.scan_backward.argtypes = [size, size, size, ctypes.c_int] + [address] * 16
+    library.scan_backward.restype = ctypes.c_int
+    return library
+
+
+def kernel_applies(*tensors: torch.Tensor) -> bool:
+    """Whether the scan kernel can run these tensors (CPU float32, not being traced)."""
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and not torch.compiler.is_compiling()
+        and scan_library(tensors[-1].shape[-1]) is not None
+    )
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class SelectiveScan(torch.autograd.Function):
+    """``apply(dt, u, B, C, A, D, h0, signed) -> (y, h_last)`` through the C kernel, channels
+    last: ``A`` is (d_state, inner), ``h0`` and ``h_last`` (batch, d_state, inner); ``y``
+    (batch, time, inner) includes the ``D`` skip."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        dt: torch.Tensor,
+        u: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        A: torch.Tensor,
+        D: torch.Tensor,
+        h0: torch.Tensor,
+        signed: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dt, u, B, C, A, D, h0 = (t.contiguous() for t in (dt, u, B, C, A, D, h0))
+        rows, steps, inner = u.shape
+        y, h_last = u.new_empty(rows, steps, inner), torch.empty_like(h0)
+        status = scan_library(A.shape[0]).scan_forward(
+            rows, steps, inner, int(signed), *map(_address, (dt, u, B, C, A, D, h0, y, h_last))
+        )
+        if status:
+            raise MemoryError("selective_scan.c: no memory for the forward's buffer")
+        ctx.save_for_backward(dt, u, B, C, A, D, h0)
+        ctx.signed = signed
+        return y, h_last
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, g_y: torch.Tensor, g_h_last: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        dt, u, B, C, A, D, h0 = ctx.saved_tensors
+        rows, steps, inner = u.shape
+        g_y = g_y.contiguous()
+        g_h_last = None if g_h_last is None else g_h_last.contiguous()
+        g_dt, g_u, g_h0 = torch.empty_like(dt), torch.empty_like(u), torch.empty_like(h0)
+        g_B, g_C, g_A, g_D = (torch.zeros_like(t) for t in (B, C, A, D))
+        status = scan_library(A.shape[0]).scan_backward(
+            rows, steps, inner, int(ctx.signed),
+            *map(_address, (dt, u, B, C, A, D, h0, g_y, g_h_last, g_dt, g_u, g_B, g_C, g_A, g_D,
+                            g_h0)),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("selective_scan.c: no memory for the backward's buffer")
+        return g_dt, g_u, g_B, g_C, g_A, g_D, g_h0, None
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dimension (mambapy's)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class MambaMixer(nn.Module):
+    """One Mamba block: ``(input (batch, time, d_model), state) -> (output, state)``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int,
+        expand: int,
+        dt_rank: int,
+        d_conv: int,
+        signed: bool,
+        dt_min: float,
+        dt_max: float,
+        dt_init_floor: float,
+    ) -> None:
+        super().__init__()
+        inner = expand * d_model
+        self.inner, self.d_state, self.dt_rank, self.d_conv = inner, d_state, dt_rank, d_conv
+        self.signed = signed
+        self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, inner)
+        bound = dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        log_dt = torch.empty(inner).uniform_(math.log(dt_min), math.log(dt_max))
+        dt = log_dt.exp().clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        states = torch.arange(1, d_state + 1, dtype=torch.float).repeat(inner, 1)
+        self.A_log = nn.Parameter(torch.log(states))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, d_model, bias=False)
+
+    def initial_state(self, x: torch.Tensor) -> LayerState:
+        batch = x.shape[0]
+        return (
+            x.new_zeros(batch, self.inner, self.d_state),
+            x.new_zeros(batch, self.d_conv - 1, self.inner),
+        )
+
+    def forward(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        h0, tail = state
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        # causal depthwise convolution (cross-correlation, as nn.Conv1d), continuing from the
+        # previous chunk's last inputs; in (batch, time, inner), so no transposed copies
+        seq = torch.cat([tail, u], dim=1) if self.d_conv > 1 else u
+        weight, steps = self.conv1d.weight[:, 0], u.shape[1]  # (inner, d_conv)
+        conv = self.conv1d.bias + seq[:, :steps] * weight[:, 0]
+        for k in range(1, self.d_conv):
+            conv = conv + seq[:, k : k + steps] * weight[:, k]
+        new_tail = seq[:, seq.shape[1] - (self.d_conv - 1) :]
+        u = F.silu(conv)
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))  # (batch, time, inner)
+        A = -torch.exp(self.A_log)
+        if kernel_applies(dt, u, B, C, A, self.D, h0):
+            y, h_last = SelectiveScan.apply(
+                dt, u, B, C, A.t(), self.D, h0.transpose(1, 2), self.signed
+            )
+            h_last = h_last.transpose(1, 2)
+        else:
+            y, h_last = self.scan(dt, u, B, C, A, h0)
+        return self.out_proj(y * F.silu(z)), (h_last, new_tail)
+
+    def scan(
+        self,
+        dt: torch.Tensor,
+        u: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        A: torch.Tensor,
+        h0: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selective scan in PyTorch: ``(y with the D skip, last h)``."""
+        batch, steps, _ = u.shape
+        a = torch.exp(dt.unsqueeze(-1) * A)  # (batch, time, inner, d_state)
+        if self.signed:
+            a = 2 * a - 1
+        b = (dt * u).unsqueeze(-1) * B.unsqueeze(2)
+        size = self.inner * self.d_state
+        h = linear_scan(a.reshape(batch, steps, size), b.reshape(batch, steps, size), h0.flatten(1))
+        h = h.view(batch, steps, self.inner, self.d_state)
+        return (h @ C.unsqueeze(-1)).squeeze(-1) + self.D * u, h[:, -1]
+
+
+class MambaLayer(nn.Module):
+    """``x + mixer(norm(x))``: mambapy's ``ResidualBlock``."""
+
+    def __init__(self, mixer: MambaMixer, d_model: int, eps: float) -> None:
+        super().__init__()
+        self.mixer = mixer
+        self.norm = RMSNorm(d_model, eps)
+
+    def forward(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        y, state = self.mixer(self.norm(x), state)
+        return x + y, state
+
+
+class Mamba(nn.Module):
+    """Embedding + ``num_layers`` Mamba layers, with torch's RNN signature (batch_first only).
+
+    ``forward(x, state) -> (outputs (batch, time, hidden_size), state)``; ``hidden_size`` is
+    ``d_model``; ``state`` is one ``(h, convolution inputs)`` pair per layer.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        batch_first: bool = True,
+        eigenvalues: str = "positive",
+        d_state: int = 16,
+        expand: int = 2,
+        dt_rank: int = 1,
+        d_conv: int = 1,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        rms_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if not batch_first:
+            raise ValueError("Mamba is batch_first only")
+        if eigenvalues not in EIGENVALUES:
+            raise ValueError(
+                f"model.eigenvalues={eigenvalues!r} is invalid: allowed values are {EIGENVALUES}"
+            )
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.eigenvalues = eigenvalues
+        self.embedding = nn.Linear(input_size, hidden_size)
+        nn.init.normal_(self.embedding.weight)  # nn.Embedding's N(0, 1) rows
+        nn.init.normal_(self.embedding.bias)
+        signed = eigenvalues == "signed"
+        self.layers = nn.ModuleList(
+            MambaLayer(
+                MambaMixer(
+                    hidden_size,
+                    d_state,
+                    expand,
+                    dt_rank,
+                    d_conv,
+                    signed,
+                    dt_min,
+                    dt_max,
+                    dt_init_floor,
+                ),  # fmt: skip
+                hidden_size,
+                rms_norm_eps,
+            )
+            for _ in range(num_layers)
+        )
+
+    def forward(
+        self, x: torch.Tensor, state: list[LayerState] | None = None
+    ) -> tuple[torch.Tensor, list[LayerState]]:
+        if x.shape[1] > PIECE:  # long inputs piece by piece, carrying the state
+            outputs = []
+            for piece in x.split(PIECE, dim=1):
+                output, state = self(piece, state)
+                outputs.append(output)
+            return torch.cat(outputs, dim=1), state
+        y = self.embedding(x)
+        if state is None:
+            state = [layer.mixer.initial_state(y) for layer in self.layers]
+        last = []
+        for layer, layer_state in zip(self.layers, state, strict=True):
+            y, layer_state = layer(y, layer_state)
+            last.append(layer_state)
+        return y, last
