@@ -93,7 +93,8 @@ def state_vector(state: Any) -> torch.Tensor:
     ``(layers, batch, hidden)``, or a matrix memory ``(layers, batch, heads, d, d)``), or a
     tuple or list of them, nested or not (an LSTM's ``(h, c)``, an sLSTM's ``(h, c, n, m)``)."""
     if isinstance(state, tuple | list):
-        return torch.cat([state_vector(part) for part in state], dim=1)
+        parts = [p for p in state if not (isinstance(p, torch.Tensor) and p.numel() == 0)]
+        return torch.cat([state_vector(part) for part in parts], dim=1)  # empty: a kernel-1 conv
     return state.transpose(0, 1).flatten(1)
 
 

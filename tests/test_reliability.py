@@ -149,8 +149,8 @@ def test_finished_run_cannot_be_resumed(tmp_path: Path) -> None:
 
 CLI_BAD_VALUES = [
     (["model.hidden_size=2.5"], "config error: model.hidden_size=2.5"),
-    (["model=mamba"], "config error: model='mamba' is invalid: allowed values are ["),
-    (["-m", "model=lstm,mamba"], "config error: model='mamba' is invalid"),
+    (["model=mambo"], "config error: model='mambo' is invalid: allowed values are ["),
+    (["-m", "model=lstm,mambo"], "config error: model='mambo' is invalid"),
     (["experiment=nope"], "config error: experiment='nope' is invalid"),
 ]
 

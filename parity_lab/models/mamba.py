@@ -250,6 +250,11 @@ class Mamba(nn.Module):
     ``d_model``; ``state`` is one ``(h, convolution inputs)`` pair per layer.
     """
 
+    def analysis_state(self, state: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
+        """What ``analyze`` clusters: every layer's scan state ``h``, as ``(1, batch, features)``
+        (the convolution's inputs are the last bits read, not memory)."""
+        return tuple(h.flatten(1).unsqueeze(0) for h, _ in state)
+
     def __init__(
         self,
         input_size: int,
