@@ -5,6 +5,8 @@ from omegaconf import OmegaConf
 from parity_lab.naming import job_dir_name, run_dir_suffix
 
 ENCODING_SIZES = {"bit": 1, "pair": 2}  # data.encoding -> network input size
+# model.head: one logit per position, or the published 3-way head over (pad, bit 0, bit 1)
+HEADS = ("logit", "tokens")
 READOUTS = ("last", "padded_end")  # model.readout: where a string's prediction is read
 # model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -16,6 +16,7 @@ from parity_lab import (
     COMPILE_MODES,
     EIGENVALUES,
     ENCODING_SIZES,
+    HEADS,
     LR_SHAPES,
     POSITIONAL,
     READOUTS,
@@ -29,6 +30,7 @@ from parity_lab.run_files import (
 )
 
 SUPERVISIONS = ("final", "every_step")
+TOKEN_LOSS = "torch.nn.CrossEntropyLoss"  # loss=token_ce, the tokens head's loss
 
 
 class ConfigError(ValueError):
@@ -112,6 +114,15 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
     _int(cfg, "model.num_layers", 1)
     _choice(cfg, "model.readout", READOUTS)
     _choice(cfg, "model.compile", COMPILE_MODES)
+    if "head" in cfg.model:
+        _choice(cfg, "model.head", HEADS)
+    head = OmegaConf.select(cfg, "model.head", default="logit")
+    token_loss = OmegaConf.select(cfg, "loss._target_") == TOKEN_LOSS
+    if (head == "tokens") != token_loss:
+        raise ConfigError(
+            f"model.head={head!r} with loss={OmegaConf.select(cfg, 'loss._target_')!r} is "
+            "invalid: the tokens head trains with loss=token_ce, and token_ce needs model.head=tokens"
+        )
     if "eigenvalues" in cfg.model:  # linear_rnn and the deltanets only
         _choice(cfg, "model.eigenvalues", EIGENVALUES)
     for key in ("d_state", "expand", "dt_rank", "d_conv"):  # mamba
@@ -217,6 +228,10 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
         )
     _int(cfg, "eval.num_val", 1)
     _int(cfg, "eval.num_test", 1)
+    if OmegaConf.select(cfg, "eval.pool") is not None:  # absent from runs written before it
+        _int(cfg, "eval.pool.num", 1)
+        _int(cfg, "eval.pool.min_len", 1)
+        _int(cfg, "eval.pool.max_len", cfg.eval.pool.min_len)
     if "certify" in cfg.eval:
         # absent from runs written before the certificate existed: those read as not certified
         flag = _value(cfg, "eval.certify")

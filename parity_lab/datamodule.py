@@ -29,6 +29,7 @@ class ParityDataModule(L.LightningDataModule):
         num_test: int = 256,
         eval_batch_size: int = 1024,
         curriculum: Mapping[str, Any] | None = None,
+        pool: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.min_len, self.max_len, self.batch_size = min_len, max_len, batch_size
@@ -36,6 +37,7 @@ class ParityDataModule(L.LightningDataModule):
         self.seed, self.eval_lengths = seed, [int(n) for n in eval_lengths]
         self.num_val, self.num_test, self.eval_batch_size = num_val, num_test, eval_batch_size
         self.curriculum = Curriculum(**(curriculum or {}))
+        self.pool = dict(pool) if pool else None
         self._eval_sets: dict[str, ParityBatch] | None = None
 
     @property
@@ -49,8 +51,9 @@ class ParityDataModule(L.LightningDataModule):
 
     @property
     def eval_names(self) -> list[str]:
-        """Names of the evaluation sets, in dataloader order: ``val`` then ``len_<L>``."""
-        return ["val"] + [f"len_{n}" for n in self.eval_lengths]
+        """Names of the evaluation sets, in dataloader order: ``val``, ``len_<L>``, then ``pool``
+        (``eval.pool``: ``num`` strings of lengths uniform in ``min_len..max_len``)."""
+        return ["val"] + [f"len_{n}" for n in self.eval_lengths] + ["pool"] * bool(self.pool)
 
     def eval_sets(self) -> dict[str, ParityBatch]:
         if self._eval_sets is None:
@@ -63,6 +66,11 @@ class ParityDataModule(L.LightningDataModule):
                 sets[f"len_{n}"] = eval_set(
                     self.seed, f"len_{n}", self.num_test, n, n, self.encoding
                 )
+            if self.pool:
+                sets["pool"] = eval_set(
+                    self.seed, "pool", self.pool["num"], self.pool["min_len"],
+                    self.pool["max_len"], self.encoding,
+                )  # fmt: skip
             self._eval_sets = sets
         return self._eval_sets
 

@@ -78,12 +78,24 @@ class ParityModule(L.LightningModule):
         return logits, final, parity
 
     def training_step(self, batch: ParityBatch, batch_idx: int) -> torch.Tensor:
-        logits, final, parity = self.predict_final(batch)
+        if self.model.head_kind == "tokens":
+            # The published head: cross-entropy over (pad, bit 0, bit 1), the answer's class
+            # being 1 + parity; its parity logit is score(bit 1) - score(bit 0).
+            scores = self.model.token_scores(batch.x)
+            logits = scores[..., 2] - scores[..., 1]
+            targets = batch.targets.long() + 1
+        else:
+            scores = logits = self.model(batch.x, batch.lengths)
+            targets = batch.targets
+        final = self.model.final_logits(logits, batch.lengths)
+        rows, last = torch.arange(len(batch.lengths), device=self.device), batch.lengths - 1
+        parity = batch.targets[rows, last]
         if self.supervision == "every_step":
             valid = torch.arange(logits.shape[1], device=self.device) < batch.lengths.unsqueeze(1)
-            loss = self.loss(logits[valid], batch.targets[valid])
+            loss = self.loss(scores[valid], targets[valid])
         else:
-            loss = self.loss(final, parity)
+            read = last if self.model.readout == "last" else torch.full_like(last, -1)
+            loss = self.loss(scores[rows, read], targets[rows, last])
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at step {self.global_step}: lower optimizer.lr "
@@ -122,8 +134,34 @@ class ParityModule(L.LightningModule):
     def test_step(self, batch: ParityBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate("test", batch, dataloader_idx)
 
+    def published_decay(self) -> bool:
+        """Whether ``optimizer.weight_decay`` is null: the model's published decay applies."""
+        keywords = getattr(self.optimizer, "keywords", {})
+        return "weight_decay" in keywords and keywords["weight_decay"] is None
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups. With ``optimizer.weight_decay: null`` the model's
+        published decay applies as xLSTM's code applies it: to parameters of two or more
+        dimensions outside the embedding (biases, norms, ``A_log``, ``D`` and the embedding are
+        exempt); otherwise one group with the optimizer's own decay."""
+        if not self.published_decay():
+            return [{"params": list(self.parameters())}]
+        decay = self.model.weight_decay or 0.0
+        matrices, exempt = [], []
+        for name, parameter in self.model.named_parameters():
+            embedding = name.split(".")[-2:-1] in (["embedding"], ["embed"])
+            (matrices if parameter.ndim >= 2 and not embedding else exempt).append(parameter)
+        return [
+            {"params": matrices, "weight_decay": decay},
+            {"params": exempt, "weight_decay": 0.0},
+        ]
+
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
-        optimizer = self.optimizer(self.parameters())
+        groups = self.parameter_groups()
+        if self.published_decay():  # each group has its own; the default must still be a number
+            optimizer = self.optimizer(groups, weight_decay=0.0)
+        else:
+            optimizer = self.optimizer(groups)
         if self.scheduler is None:
             return optimizer
         schedule = {"scheduler": self.scheduler(optimizer), "interval": "step"}

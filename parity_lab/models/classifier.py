@@ -8,7 +8,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from parity_lab import READOUTS
+from parity_lab import HEADS, READOUTS
+
+
+class TokenHead(nn.Module):
+    """The published 3-way head, ``scores = classes(h)`` over (pad, bit 0, bit 1), bias-free.
+
+    Called like a ``logit`` head it gives the parity logit ``score(1) - score(0)`` (batch, time,
+    1), with ``weight`` and ``bias`` of that linear map, so certify and analyze read it as they
+    read ``nn.Linear(hidden, 1)``. It differs from the published accuracy only where the pad
+    class scores highest, which they count as an error and this reads as the larger bit class.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.classes = nn.Linear(hidden_size, 3, bias=False)
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classes(h)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.classes.weight
+        return (w[2] - w[1]).unsqueeze(0)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.classes.weight.new_zeros(1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.weight.t()
 
 
 class ParityRNN(nn.Module):
@@ -25,6 +54,15 @@ class ParityRNN(nn.Module):
     shapes are static (every batch is padded to ``data.max_len``): ``reduce-overhead`` replays it
     as CUDA graphs on a GPU. Evaluation, with its many lengths, stays eager.
 
+    ``head`` picks the output layer: ``logit`` (one logit per position, ``nn.Linear(hidden, 1)``)
+    or ``tokens``, the published state-tracking head (Grazzi et al., 2025; xLSTM, 2024): a
+    bias-free ``nn.Linear(hidden, 3)`` scoring their vocabulary (pad, bit 0, bit 1), trained with
+    cross-entropy on the answer (``loss=token_ce``). Its parity logit is the score of bit 1 minus
+    the score of bit 0, so every tool that reads a logit reads this head too.
+
+    ``weight_decay`` is the family's published weight decay, taken where ``optimizer.weight_decay``
+    is null (``experiment=state_tracking``); None there means 0.
+
     Any further keyword (a model yaml's own keys, such as ``eigenvalues`` of ``linear_rnn``) is
     passed on to the core.
     """
@@ -37,6 +75,8 @@ class ParityRNN(nn.Module):
         num_layers: int = 1,
         readout: str = "last",
         compile: str | None = None,
+        head: str = "logit",
+        weight_decay: float | None = None,
         **core_options: Any,
     ) -> None:
         super().__init__()
@@ -44,7 +84,11 @@ class ParityRNN(nn.Module):
             raise ValueError(f"model.readout={readout!r}: allowed values are {list(READOUTS)}")
         self.readout = readout
         self.rnn = rnn(input_size, hidden_size, num_layers, batch_first=True, **core_options)
-        self.head = nn.Linear(hidden_size, 1)
+        if head not in HEADS:
+            raise ValueError(f"model.head={head!r}: allowed values are {list(HEADS)}")
+        self.head_kind = head
+        self.head = nn.Linear(hidden_size, 1) if head == "logit" else TokenHead(hidden_size)
+        self.weight_decay = weight_decay
         self.compile_mode = compile
         self._compiled_run = (
             torch.compile(self.run, mode=compile, dynamic=False) if compile else None
@@ -65,6 +109,10 @@ class ParityRNN(nn.Module):
         """Logits for a chunk of time steps, starting from (and returning) the recurrent state."""
         outputs, state = self.rnn(x, state)
         return self.head(outputs).squeeze(-1), state
+
+    def token_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``tokens`` head's three scores per position (batch, time, 3), for its loss."""
+        return self.head.scores(self.rnn(x)[0])
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # Causal: position t sees only inputs up to t, so padding never reaches a valid position.

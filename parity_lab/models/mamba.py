@@ -17,7 +17,9 @@ Parameter names and shapes are mambapy's (``layers.<i>.mixer.in_proj.weight``, .
 ``layers.<i>.norm.weight``), so ``self.layers`` loads a ``mambapy.mamba.Mamba`` state dict; so
 are its initial values: ``A_log = log(1..d_state)`` per channel, ``D = 1``, and ``dt``'s bias the
 inverse softplus of steps log-uniform in ``[dt_min, dt_max]``. The embedding is a linear map of
-the input (for ``bit`` encoding, bit 0 reads its bias and bit 1 bias + weight: a 2-row table).
+the input: with ``pair`` encoding, bias-free, it is the authors' ``nn.Embedding`` rows of the two
+bit tokens, N(0, 1) each (their pad token never precedes an answer); with ``bit`` encoding bit 0
+reads its bias and bit 1 bias + weight, a 2-row table whose second row starts at N(0, 2).
 
 The selective scan runs in ``kernels/selective_scan.c`` (CPU float32; one call per chunk forward
 and one backward, every state kept in registers: PyTorch spends ~250 ms a training step moving
@@ -280,9 +282,12 @@ class Mamba(nn.Module):
             )
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.eigenvalues = eigenvalues
-        self.embedding = nn.Linear(input_size, hidden_size)
-        nn.init.normal_(self.embedding.weight)  # nn.Embedding's N(0, 1) rows
-        nn.init.normal_(self.embedding.bias)
+        # a table of one row per token, N(0, 1) as nn.Embedding: with pair encoding (one-hot
+        # (bit, 1 - bit)) a bias-free map is exactly that; a single bit reads bias + weight x bit
+        self.embedding = nn.Linear(input_size, hidden_size, bias=input_size == 1)
+        nn.init.normal_(self.embedding.weight)
+        if self.embedding.bias is not None:
+            nn.init.normal_(self.embedding.bias)
         signed = eigenvalues == "signed"
         self.layers = nn.ModuleList(
             MambaLayer(
