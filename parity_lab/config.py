@@ -121,7 +121,8 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
     if (head == "tokens") != token_loss:
         raise ConfigError(
             f"model.head={head!r} with loss={OmegaConf.select(cfg, 'loss._target_')!r} is "
-            "invalid: the tokens head trains with loss=token_ce, and token_ce needs model.head=tokens"
+            "invalid: the tokens head trains with loss=token_ce, and token_ce needs "
+            "model.head=tokens"
         )
     if "eigenvalues" in cfg.model:  # linear_rnn and the deltanets only
         _choice(cfg, "model.eigenvalues", EIGENVALUES)

@@ -1,0 +1,164 @@
+"""experiment=state_tracking is the published protocol: its data convention, head, loss,
+optimizer groups and test pool, each checked against what the authors' code does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.nn import functional as F
+
+from parity_lab.config import ConfigError, validate
+from parity_lab.data import ParityStream
+from parity_lab.models import ParityRNN
+from parity_lab.models.classifier import TokenHead
+from parity_lab.module import ParityModule
+from parity_lab.train import train
+from tests.conftest import CONF, compose_config
+
+
+def test_state_tracking_is_the_published_recipe() -> None:
+    cfg = compose_config("experiment=state_tracking", "model=mamba_signed")
+    # their min/max_sequence_length 3..40 count the answer position: 2..39 bits
+    assert (cfg.data.min_len, cfg.data.max_len, cfg.data.batch_size) == (2, 39, 256)
+    assert cfg.data.num_train is None and cfg.data.supervision == "final"
+    assert cfg.model.head == "tokens" and cfg.loss._target_ == "torch.nn.CrossEntropyLoss"
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.lr == 1e-3
+    assert cfg.scheduler.warmup_steps == 2000 and cfg.scheduler.shape == "cosine"
+    assert cfg.scheduler.decay_steps == cfg.trainer.max_steps == 20000
+    assert cfg.scheduler.final_factor == 1e-3
+    assert dict(cfg.eval.pool) == {"num": 8192, "min_len": 39, "max_len": 255}
+    validate(cfg)
+
+
+def test_no_stored_experiment_or_sweep_caps_wall_clock_time() -> None:
+    stored = [*CONF.glob("experiment/*.yaml"), *CONF.glob("sweep/*.yaml")]
+    assert stored
+    assert [p.name for p in stored if "max_time" in p.read_text()] == []
+
+
+def test_weight_decay_is_published_per_family() -> None:
+    decays = {
+        name: compose_config("experiment=state_tracking", f"model={name}").model.get("weight_decay")
+        for name in ("mamba", "mamba_signed", "deltanet_published", "xlstm_slstm", "xlstm_mlstm")
+    }
+    assert decays == {
+        "mamba": None,
+        "mamba_signed": None,
+        "deltanet_published": None,
+        "xlstm_slstm": 0.1,
+        "xlstm_mlstm": 0.1,
+    }
+
+
+def _module(cfg) -> ParityModule:  # noqa: ANN001
+    return ParityModule(
+        instantiate(cfg.model), instantiate(cfg.loss), instantiate(cfg.optimizer), "final", ["val"]
+    )
+
+
+def test_null_decay_takes_the_models_and_spares_vectors_and_the_embedding() -> None:
+    cfg = compose_config("experiment=state_tracking", "model=mamba", "+model.weight_decay=0.1")
+    module = _module(cfg)
+    optimizer = module.configure_optimizers()
+    decayed = {
+        id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]
+    }
+    names = {n for n, p in module.model.named_parameters() if id(p) in decayed}
+    assert "rnn.layers.0.mixer.in_proj.weight" in names and "head.classes.weight" in names
+    spared = {n for n, _ in module.model.named_parameters()} - names
+    assert {"rnn.embedding.weight", "rnn.layers.0.mixer.D", "rnn.layers.0.norm.weight"} <= spared
+    assert all(
+        p.ndim == 1 or "embedding" in n for n, p in module.model.named_parameters() if n in spared
+    )
+    # an explicit optimizer.weight_decay applies to every parameter, as before
+    cfg = compose_config("experiment=state_tracking", "model=mamba", "optimizer.weight_decay=0.05")
+    groups = _module(cfg).configure_optimizers().param_groups
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.05
+
+
+def test_tokens_head_reads_parity_as_the_difference_of_the_bit_scores() -> None:
+    torch.manual_seed(0)
+    head = TokenHead(5)
+    h = torch.randn(3, 7, 5)
+    scores = head.scores(h)
+    assert torch.allclose(head(h).squeeze(-1), scores[..., 2] - scores[..., 1], atol=1e-6)
+    assert head.classes.bias is None  # their lm_head has no bias
+
+
+def test_training_loss_is_cross_entropy_of_three_classes_at_the_answer() -> None:
+    cfg = compose_config("experiment=state_tracking", "model=lstm", "model.hidden_size=4")
+    module = _module(cfg)
+    batch = ParityStream(0, 2, 9, 16, None, "pair").batch(0)
+    loss = module.training_step(batch, 0)
+    # the reference: their loss, the 3-way cross-entropy at the last bit, target token 1 + parity
+    model: ParityRNN = module.model
+    outputs, _ = model.rnn(batch.x)
+    scores = outputs @ model.head.classes.weight.t()
+    rows = torch.arange(16)
+    answer = scores[rows, batch.lengths - 1]
+    target = 1 + batch.targets[rows, batch.lengths - 1].long()
+    assert torch.allclose(loss, F.cross_entropy(answer, target), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+model.head=tokens"], "token_ce"),
+        (["loss=token_ce"], "model.head=tokens"),
+        (["+model.head=softmax"], "model.head"),
+        (["eval.pool={num:0,min_len:3,max_len:5}"], "eval.pool.num"),
+        (["eval.pool={num:8,min_len:9,max_len:5}"], "eval.pool.max_len"),
+    ],
+)
+def test_bad_head_loss_or_pool_is_refused(overrides: list[str], message: str) -> None:
+    cfg = compose_config(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_mamba_embedding_is_the_token_table_with_pair_encoding() -> None:
+    pair = instantiate(compose_config("model=mamba", "data.encoding=pair").model).rnn.embedding
+    assert pair.bias is None  # the rows of bit 0 and bit 1 are the weight's two columns
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (bit 1, bit 0) as (bit, 1 - bit)
+    assert torch.equal(pair(x)[0], pair.weight.t())
+    assert instantiate(compose_config("model=mamba").model).rnn.embedding.bias is not None
+
+
+def test_a_run_reports_the_test_pool(tmp_path: Path) -> None:
+    cfg = compose_config(
+        "experiment=state_tracking",
+        "model=lstm",
+        "model.hidden_size=4",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "scheduler.warmup_steps=1",
+        "data.batch_size=8",
+        "eval.num_val=16",
+        "eval.num_test=16",
+        "eval.lengths=[39]",
+        "eval.pool.num=32",
+        "eval.certify=false",
+        "trainer.enable_progress_bar=false",
+    )
+    metrics = train(cfg, run_dir=tmp_path)
+    assert 0 <= metrics["test/acc_pool"] <= 1
+    assert metrics["test/scaled_acc_pool"] == pytest.approx((metrics["test/acc_pool"] - 0.5) / 0.5)
+    assert "pool" in (tmp_path / "metrics.json").read_text()
+
+
+def test_the_pool_is_uniform_over_its_lengths_and_its_own_set() -> None:
+    datamodule = instantiate(
+        compose_config("experiment=state_tracking").data,
+        seed=0,
+        eval_lengths=[39],
+        num_val=64,
+        num_test=64,
+        pool={"num": 4096, "min_len": 39, "max_len": 255},
+    )
+    assert datamodule.eval_names == ["val", "len_39", "pool"]
+    lengths = datamodule.eval_sets()["pool"].lengths
+    assert int(lengths.min()) == 39 and int(lengths.max()) == 255
+    assert abs(lengths.float().mean().item() - 147) < 3  # uniform: mean (39 + 255) / 2
