@@ -127,8 +127,9 @@ def test_submitit_local_sweep_runs_every_job(tmp_path: Path):
 
 
 MODELS = ["lstm", "gru", "rnn", "lstm_manual", "gru_manual", "rnn_manual"]
-FRONTIER_MODELS = ["linear_rnn", "linear_rnn_signed", "deltanet", "deltanet_signed", "slstm",
-                   "mlstm", "transformer", "rnn", "lstm", "gru"]  # fmt: skip
+# Grazzi et al.'s Table 3 rows, in its order
+FRONTIER_MODELS = ["transformer", "xlstm_mlstm", "xlstm_slstm", "mamba", "mamba_signed",
+                   "deltanet_published", "deltanet_published_signed"]  # fmt: skip
 STORED_SWEEPS = {
     "hidden_lr": {
         "model.hidden_size": "1,2,4,8,16",
@@ -143,7 +144,7 @@ STORED_SWEEPS = {
     },
     "frontier": {
         "seed": "range(5)",
-        "experiment": "state_tracking_1to40,state_tracking",
+        "experiment": "state_tracking",
         "model": ",".join(FRONTIER_MODELS),
     },
 }
@@ -163,7 +164,7 @@ def test_stored_sweep_composes_every_job(name: str):
         jobs = expand_sweep(params, [f"sweep={name}"])
         for overrides in {tuple(o for o in job if not o.startswith("seed=")) for job in jobs}:
             validate(compose("config", overrides=list(overrides)))
-    assert len(jobs) == {"hidden_lr": 60, "lengths": 36, "rfr": 60, "frontier": 100}[name]
+    assert len(jobs) == {"hidden_lr": 60, "lengths": 36, "rfr": 60, "frontier": 35}[name]
 
 
 def test_rfr_sweep_trains_each_model_on_each_openai_setting():
@@ -257,13 +258,14 @@ def test_report_adds_length_curve_columns_when_measured(tmp_path: Path) -> None:
     assert "| 0.500 | 1000000 |" in table.replace("model=lstm", "") and "| 0.750 | 251 |" in table
 
 
-def test_frontier_sweep_runs_every_family_on_both_length_ranges():
+def test_frontier_sweep_runs_every_published_row_on_the_published_protocol():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for experiment, min_len in [("state_tracking", 3), ("state_tracking_1to40", 1)]:
-            for model in FRONTIER_MODELS:
-                overrides = ["sweep=frontier", f"experiment={experiment}", f"model={model}"]
-                cfg = compose("config", overrides=overrides)
-                reference = compose("config", overrides=[f"model={model}"])
-                assert cfg.model == reference.model  # the model's own settings, not the lstm's
-                assert (cfg.data.min_len, cfg.data.max_len) == (min_len, 40)
-                assert cfg.eval.curve.max_len == 1_000_000 and cfg.eval.curve.only_solved
+        for model in FRONTIER_MODELS:
+            overrides = ["sweep=frontier", "experiment=state_tracking", f"model={model}"]
+            cfg = compose("config", overrides=overrides)
+            reference = compose("config", overrides=[f"model={model}", "data.encoding=pair"])
+            # the model's own settings (not the lstm's), with the published head
+            assert cfg.model == {**reference.model, "head": "tokens"}
+            assert (cfg.data.min_len, cfg.data.max_len) == (2, 39)
+            assert cfg.trainer.max_steps == 20000 and "max_time" not in cfg.trainer
+            assert cfg.eval.curve.max_len == 1_000_000 and cfg.eval.curve.only_solved
