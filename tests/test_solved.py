@@ -36,7 +36,9 @@ def test_solved_needs_validation_every_length_and_the_worst_case_strings(
     right; then solved_step is the first validation and the run stops there."""
     overrides, below_one, worst = CASES[case]
     metrics = train(make_config(*ORACLE, *RUN, *overrides), run_dir=tmp_path)
-    accuracies = {k: v for k, v in metrics.items() if k == "val/acc" or k.startswith("test/acc_len_")}
+    accuracies = {
+        k: v for k, v in metrics.items() if k == "val/acc" or k.startswith("test/acc_len_")
+    }
     assert set(accuracies) == {"val/acc", "test/acc_len_30", "test/acc_len_35", "test/acc_len_40"}
     assert {k for k, v in accuracies.items() if v < 1.0} == below_one, accuracies
     assert all(v == 1.0 for k, v in accuracies.items() if k not in below_one)
