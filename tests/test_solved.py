@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from parity_lab.data import eval_set
+from parity_lab.run_files import read_metrics
 from parity_lab.train import train
 from tests.oracle import ORACLE
 
@@ -57,6 +58,7 @@ def test_a_length_beyond_max_len_is_skipped_and_never_solved(make_config, tmp_pa
     assert metrics["val/acc"] == metrics["test/acc_len_30"] == metrics["test/acc_len_35"] == 1.0
     assert metrics["solved"] is False and metrics["solved_step"] is None
     assert metrics["global_step"] == 2  # never stopped as solved
+    assert read_metrics(tmp_path / "metrics.json") == metrics  # the report reads it back
 
 
 def test_a_length_equal_to_max_len_is_evaluated(make_config, tmp_path: Path) -> None:
@@ -72,6 +74,7 @@ def test_a_length_equal_to_max_len_is_evaluated(make_config, tmp_path: Path) -> 
     assert max(int(n) for n in metrics["length_curve"]) == 40
     assert metrics["length_curve_skipped"] == [41, 42, 43, 44, 45]
     assert metrics["test/exact_until"] == metrics["test/exact_until_random"] == 40
+    assert read_metrics(tmp_path / "metrics.json") == metrics
 
 
 def test_accuracy_reads_the_sign_of_the_logit_not_its_size(make_config, tmp_path: Path) -> None:
