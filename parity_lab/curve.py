@@ -18,10 +18,11 @@ from parity_lab.run_files import atomic_path
 
 
 def exact_until(curve: dict[int, float]) -> int:
-    """The longest length up to which every evaluated length is 100% correct (0: none)."""
+    """The longest length up to which every evaluated length is 100% correct (0: none). An
+    accuracy that is not a number (no strings scored) is not 100%."""
     exact = 0
     for length in sorted(curve):
-        if curve[length] < 1.0:
+        if not curve[length] >= 1.0:  # NaN compares false either way: never exact
             break
         exact = length
     return exact

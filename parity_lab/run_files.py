@@ -7,6 +7,7 @@ Kept light (no torch at import): the config checks and ``python -m parity_lab.re
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -140,9 +141,15 @@ TEXT_METRICS = frozenset(
 )
 
 
+# metrics.json entries that are lists of lengths: those beyond a Transformer's max_len, which
+# neither the held-out sets nor the length curve evaluated.
+LENGTH_LISTS = frozenset({"test/skipped_lengths", "length_curve_skipped"})
+
+
 def read_metrics(path: Path) -> dict[str, Any]:
     """A finished run's ``metrics.json``; ``CorruptResultError`` saying why when it is not one
-    (empty, cut short, not an object, a value that is not a number)."""
+    (empty, cut short, not an object, a value that is not a finite number: JSON's ``NaN`` is no
+    accuracy)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -157,6 +164,12 @@ def read_metrics(path: Path) -> dict[str, Any]:
     if not isinstance(metrics, dict) or "val/acc" not in metrics:
         raise CorruptResultError(f"{path.name} is not a metrics object with val/acc")
     for key, value in metrics.items():
+        if key in LENGTH_LISTS:
+            if not isinstance(value, list) or not all(
+                _is_number(n) and isinstance(n, int) and n >= 1 for n in value
+            ):
+                raise CorruptResultError(f"{path.name} has {key}={value!r}: not a list of lengths")
+            continue
         if key.startswith(("val/", "test/")) and not _is_number(value):
             raise CorruptResultError(f"{path.name} has {key}={value!r}: not a number")
         if key == "certified" and value not in (True, False, None):
@@ -171,7 +184,10 @@ def read_metrics(path: Path) -> dict[str, Any]:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """An int, or a float that is finite (not NaN, not infinite)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def refuse_links(directory: Path) -> None:

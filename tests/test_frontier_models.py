@@ -14,7 +14,15 @@ from parity_lab import predict
 from parity_lab.config import ConfigError, validate
 from parity_lab.data import make_batch, sample_bits
 from parity_lab.evaluate import CHUNK_LEN, accuracy_at_length, accuracy_by_length
-from parity_lab.models import MLSTM, SLSTM, CausalTransformer, DeltaNet, LinearRNN, ParityRNN
+from parity_lab.models import (
+    MLSTM,
+    SLSTM,
+    CausalTransformer,
+    DeltaNet,
+    LinearRNN,
+    ParityRNN,
+    linear_rnn,
+)
 from parity_lab.models.deltanet import delta_rule
 from parity_lab.models.handset import handset_linear_rnn
 from parity_lab.models.linear_rnn import MIN_PIECE, PIECE, linear_scan
@@ -367,19 +375,32 @@ def test_linear_rnn_reads_long_inputs_piecewise_with_the_same_result() -> None:
 
 @pytest.mark.parametrize(("hidden_size", "num_layers", "encoding"), [(4, 2, "bit"), (1, 1, "pair")])
 def test_linear_rnn_inference_path_equals_the_training_path(
-    hidden_size: int, num_layers: int, encoding: str
+    hidden_size: int, num_layers: int, encoding: str, monkeypatch
 ) -> None:
     """Without gradients the core scans time-major pieces in place; outputs and states stay those
-    of the differentiable path, over several pieces, with and without a carried state."""
+    of the differentiable path (float64, to rounding), over many pieces, the last one short, with
+    and without a carried state. Pieces are cut to 16 steps (at these sizes they would be
+    thousands of steps, one piece); every one of them is seen to run."""
+    monkeypatch.setattr(linear_rnn, "MIN_PIECE", 16)
+    monkeypatch.setattr(linear_rnn, "INFERENCE_VALUES", 1)
+    pieces, infer = [], linear_rnn.LinearRNNLayer.infer
+
+    def recorded(self, x, h0):  # noqa: ANN001, ANN202
+        pieces.append(len(x))  # time-major: steps in this piece
+        return infer(self, x, h0)
+
+    monkeypatch.setattr(linear_rnn.LinearRNNLayer, "infer", recorded)
     torch.manual_seed(0)
     core = LinearRNN(2 if encoding == "pair" else 1, hidden_size, num_layers, eigenvalues="signed")
-    bits, lengths = sample_bits(torch.Generator().manual_seed(1), 3, 700, 700)
+    bits, lengths = sample_bits(torch.Generator().manual_seed(1), 3, 200, 200)
     x = make_batch(bits, lengths, encoding).x.double()
     core = core.double()
     for state in (None, torch.randn(num_layers, 3, hidden_size, dtype=torch.float64)):
-        outputs, last = core(x, state)
+        outputs, last = core(x, state)  # training path: one scan (200 < PIECE)
+        pieces.clear()
         with torch.no_grad():
             fast_outputs, fast_last = core(x, state)
+        assert pieces == [16] * (12 * num_layers) + [8] * num_layers  # 200 = 12 x 16 + 8
         assert fast_outputs.shape == outputs.shape and not fast_outputs.requires_grad
         torch.testing.assert_close(fast_outputs, outputs.detach(), atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(fast_last, last.detach(), atol=1e-12, rtol=1e-12)

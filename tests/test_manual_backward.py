@@ -88,6 +88,15 @@ class StepOnlyLSTM(ManualLSTM):
     step_backward = ManualRecurrent.step_backward
 
 
+class HalfMemoryLSTM(ManualLSTM):
+    """A subclass that changes ``step`` only: half the cell state is forgotten before each step.
+    It inherits a ``step_backward`` (and a C kernel) of other equations."""
+
+    def step(self, x_proj, state, weight_hh, bias_hh, saved=None):
+        h, c = state
+        return super().step(x_proj, (h, 0.5 * c), weight_hh, bias_hh, saved)
+
+
 class PyTorchLSTM(ManualLSTM):
     """ManualLSTM without its C kernel."""
 
@@ -120,21 +129,76 @@ def test_lstm_kernel_equals_the_pytorch_step(hidden: int, num_layers: int) -> No
 
 
 def test_lstm_kernel_runs_when_it_applies(monkeypatch) -> None:
-    """Float32 on the CPU goes through the kernel; float64 and subclasses that change the
-    equations run ``step``."""
+    """Float32 on the CPU goes through the kernel; float64, a subclass without its own
+    ``step_backward`` and a subclass that changes ``step`` only run ``step``: outputs and
+    gradients are then those of their own equations, with and without gradients."""
     if native.load("lstm", 4) is None:
         pytest.skip("no C compiler")
-    calls = []
+    calls, checks = [], []
     for name in ("lstm_inference", "lstm_training"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, real=real: calls.append(a) or real(*a))
+    check = manual.kernel_difference  # runs the kernel once on its test input: not a use
+    monkeypatch.setattr(manual, "kernel_difference", lambda c: checks.append(c) or check(c))
+
+    def kernel_runs() -> int:
+        return len(calls) - len(checks)
+
     ManualLSTM(1, 4)(torch.zeros(2, 3, 1))
     with torch.no_grad():
         ManualLSTM(1, 4)(torch.zeros(2, 3, 1))
-    assert len(calls) == 2
+    assert kernel_runs() == 2
     ManualLSTM(1, 4).double()(torch.zeros(2, 3, 1, dtype=torch.float64))
     StepOnlyLSTM(1, 4)(torch.zeros(2, 3, 1))
-    assert len(calls) == 2
+    assert kernel_runs() == 2
+    torch.manual_seed(0)
+    cell = HalfMemoryLSTM(1, 4)
+    x = torch.randn(2, 6, 1)
+    outputs, (h, c) = cell(x)
+    with torch.no_grad():
+        inference, _ = cell(x)
+    assert kernel_runs() == 2  # never the kernel: it computes ManualLSTM's equations
+    # the reference: its step, unrolled by hand, differentiated by autograd
+    x_proj = torch.nn.functional.linear(x.transpose(0, 1), cell.weight_ih_l0, cell.bias_ih_l0)
+    state, expected = (torch.zeros(2, 4), torch.zeros(2, 4)), []
+    for x_t in x_proj:
+        out, state = cell.step(x_t, state, cell.weight_hh_l0, cell.bias_hh_l0)
+        expected.append(out)
+    expected = torch.stack(expected, dim=1)
+    torch.testing.assert_close(outputs, expected)
+    torch.testing.assert_close(inference, expected.detach())
+    parent = ManualLSTM(1, 4)
+    parent.load_state_dict(cell.state_dict())
+    assert not torch.allclose(expected, parent(x)[0], atol=1e-3)  # other equations than its parent
+
+    def loss(out: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        return (out * weights).sum() + (final**2).sum()
+
+    grads = torch.autograd.grad(loss(outputs, c), list(cell.parameters()))
+    reference = torch.autograd.grad(loss(expected, state[1]), list(cell.parameters()))
+    for grad, ref in zip(grads, reference, strict=True):
+        torch.testing.assert_close(grad, ref)
+
+
+def test_kernel_builds_are_keyed_by_their_source(monkeypatch, tmp_path) -> None:
+    """A cached build is found again unchanged; an edited kernel source builds anew, so no
+    stale library outlives the code it was built from."""
+    if native.load("lstm", 4) is None:
+        pytest.skip("no C compiler")
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    source = kernels / "lstm.c"
+    source.write_text((native.KERNELS / "lstm.c").read_text())
+    monkeypatch.setattr(native, "KERNELS", kernels)
+    monkeypatch.setenv("PARITY_LAB_CACHE", str(tmp_path / "cache"))
+    first = native.build("lstm", 2)
+    built = first.stat().st_mtime_ns
+    assert native.build("lstm", 2) == first and first.stat().st_mtime_ns == built
+    source.write_text(source.read_text() + "\n/* an edit */\n")
+    second = native.build("lstm", 2)
+    assert second != first and native.cached(second) and native.cached(first)
+    assert native.build("lstm", 3) not in (first, second)  # and by hidden size
 
 
 def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path) -> None:

@@ -77,6 +77,14 @@ BAD_VALUES = [
     ("eval.lengths=[-5]", "eval.lengths=[-5]"),
     ("eval.lengths=50", "eval.lengths=50"),
     ("eval.stop_when_solved=maybe", "eval.stop_when_solved='maybe'"),
+    # evaluation sizes of 0: no string scored, every accuracy NaN
+    ("eval.num_val=0", "eval.num_val=0"),
+    ("eval.num_test=0", "eval.num_test=0"),
+    ("eval.curve.num_strings=0", "eval.curve.num_strings=0"),
+    ("eval.curve.max_len=0", "eval.curve.max_len=0"),
+    ("eval.curve.dense_until=0", "eval.curve.dense_until=0"),
+    ("eval.curve.per_decade=0", "eval.curve.per_decade=0"),
+    ("eval.curve.chunk_len=0", "eval.curve.chunk_len=0"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1"),
     ("resume=/no/such/run", "resume='/no/such/run'"),
     # values that used to pass these checks and fail (or hang) only once training ran

@@ -4,6 +4,7 @@ it, and result files are written whole or not at all."""
 from __future__ import annotations
 
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -19,7 +20,13 @@ from omegaconf import OmegaConf
 
 from parity_lab.config import ConfigError, resume_config
 from parity_lab.predict import PredictError, load_run
-from parity_lab.run_files import TRUST_HINT, RunFileError, write_atomic
+from parity_lab.run_files import (
+    TRUST_HINT,
+    CorruptResultError,
+    RunFileError,
+    read_metrics,
+    write_atomic,
+)
 from parity_lab.train import train
 from tests.conftest import ROOT, compose_config
 
@@ -407,3 +414,39 @@ def test_analyze_names_an_unwritable_run_directory_before_the_work(
     with pytest.raises(SystemExit) as caught:
         analyze.main([str(run)])
     assert caught.value.code == f"analyze: {run / 'analysis'} cannot be written (Permission denied)"
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"test/acc_len_50": float("nan")}, "test/acc_len_50=nan: not a number"),
+        ({"val/acc": float("inf")}, "val/acc=inf: not a number"),
+        ({"test/exact_until": "1000"}, "test/exact_until='1000': not a number"),
+        ({"test/acc_unseen": None}, "test/acc_unseen=None: not a number"),
+        ({"length_curve": {"1": 1.0, "2": float("nan")}}, "length_curve="),
+        ({"test/skipped_lengths": [600, "700"]}, "not a list of lengths"),
+        ({"length_curve_skipped": 600}, "not a list of lengths"),
+    ],
+)
+def test_metrics_are_read_back_only_as_finite_numbers(
+    entry: dict, named: str, tmp_path: Path
+) -> None:
+    """JSON's NaN and Infinity are no accuracies: an empty evaluation (NaN) must not read as a
+    score. Lists of skipped lengths and worst-case strings (text) read back as written."""
+    path = tmp_path / "metrics.json"
+    good = {
+        "val/acc": 1.0,
+        "test/acc_len_50": 0.5,
+        "test/exact_until": 12,
+        "test/skipped_lengths": [600, 700],
+        "length_curve_skipped": [800],
+        "length_curve": {"1": 1.0, "2": 0.75},
+        "worst_case_wrong": "1 0^24",
+        "solved": False,
+        "solved_step": None,
+    }
+    path.write_text(json.dumps(good))
+    assert read_metrics(path) == good
+    path.write_text(json.dumps({**good, **entry}))
+    with pytest.raises(CorruptResultError, match=re.escape(named)):
+        read_metrics(path)

@@ -4,6 +4,7 @@ readout, and automaton extraction."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from parity_lab import analyze
 from parity_lab.config import ConfigError, validate
+from parity_lab.curve import exact_until
 from parity_lab.data import Curriculum, ParityStream, key_generator, make_batch, sample_bits
 from parity_lab.evaluate import accuracy_at_length, accuracy_by_length, curve_lengths
 from parity_lab.models import ParityRNN
@@ -78,6 +80,15 @@ def test_accuracy_by_length_matches_true_parity_per_length() -> None:
     assert accuracy_by_length(handset_rnn(), lengths, 50, seed=0, chunk_len=8) == dict.fromkeys(
         lengths, 1.0
     )
+
+
+def test_an_accuracy_that_is_not_a_number_is_never_exact() -> None:
+    """No string scored gives NaN accuracies (the mean of nothing): no length is exact then, and
+    a NaN after exact lengths ends the exact range as a mistake would."""
+    assert exact_until({1: 1.0, 2: 1.0, 3: float("nan"), 4: 1.0}) == 2
+    assert exact_until({1: 1.0, 2: 0.5, 3: 1.0}) == 1 and exact_until({5: 1.0, 9: 1.0}) == 9
+    curve = accuracy_by_length(handset_rnn(), [1, 2, 100], num_strings=0, seed=0)
+    assert all(math.isnan(acc) for acc in curve.values()) and exact_until(curve) == 0
 
 
 def test_length_curve_reports_lengths_beyond_training(make_config, tmp_path: Path) -> None:
