@@ -27,6 +27,53 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from parity_lab.cli import Parser, positive
+
+
+def make_parser() -> Parser:
+    """The command line's parser: nothing heavy imported."""
+    parser = Parser(prog="python -m parity_lab.analyze", description=__doc__)
+    add = parser.add_argument
+    add("run_dir", type=Path, metavar="RUN_DIR", help="a trained run (outputs/runs/...)")
+    add("--strings", type=positive, default=256, help="random strings to run the network on")
+    add(
+        "--length",
+        type=positive,
+        default=None,
+        help="bits in each string (default: the run's data.max_len)",
+    )
+    add(
+        "--max-clusters",
+        type=positive,
+        default=32,
+        help="largest k tried by k-means before giving up on a faithful automaton",
+    )
+    add(
+        "--drift",
+        type=positive,
+        default=None,
+        metavar="BITS",
+        help="also follow streams of up to BITS bits and write analysis/drift.json",
+    )
+    add(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of your own whose classes the run's config may name (repeatable; or "
+        "PARITY_LAB_TRUST=MODULE,...)",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (run as a script, it is read once before torch loads: below)."""
+    return make_parser().parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and usage errors answer before the seconds of import torch
+    parse_args()
+
 import torch
 
 import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
@@ -553,42 +600,8 @@ def automaton_line(is_parity: bool, proof: Any) -> str:
     )
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> Analysis:
-    parser = Parser(prog="python -m parity_lab.analyze", description=__doc__)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--strings", type=positive, default=256, help="random strings to run")
-    parser.add_argument("--length", type=positive, default=None, help="bits each (default max_len)")
-    parser.add_argument("--max-clusters", type=positive, default=32)
-    parser.add_argument(
-        "--drift", type=positive, default=None, help="also follow streams up to this many bits"
-    )
-    parser.add_argument(
-        "--trust",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="a module of your own whose classes the run's config may name (repeatable; or "
-        "PARITY_LAB_TRUST=MODULE,...)",
-    )
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     trust(args.trust)
 
     torch.set_num_threads(1)

@@ -12,7 +12,10 @@ Measures, each a median over timed repeats after a warm-up (timings on a shared 
 - with ``--startup``, only whole-process start-up: ``python -c "import torch"``, ``predict`` on one
   string, a bad value refused, and the default run, each as a ratio to ``import torch``.
 
-Prints tables and writes everything to ``--output`` as JSON.
+Prints tables and writes everything to ``--output`` as JSON. With every default it takes about
+3 minutes (175 s on 2 shared CPU cores, one torch thread): the training steps of every model, 5
+default runs, 3 notebook runs and the breakdown; ``--solve-seeds 0 --notebook-seeds 0
+--no-breakdown`` times the training steps alone.
 """
 
 from __future__ import annotations
@@ -31,17 +34,170 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from parity_lab.cli import Parser, positive
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TWINS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
+# every model of conf/model: the twins first, then the others by name
+MODELS = TWINS + sorted({p.stem for p in (CONF / "model").glob("*.yaml")} - set(TWINS))
+# Bench-only variants: a config model, and the class below that replaces its recurrent core.
+VARIANTS = {
+    "lstm_manual_pytorch": ("lstm_manual", "PyTorchLSTM"),
+    "lstm_manual_autograd": ("lstm_manual", "AutogradLSTM"),
+}
+DEFAULT_MODELS = [
+    m for twin in TWINS for m in (twin, *(v for v, (base, _) in VARIANTS.items() if base == twin))
+] + [m for m in MODELS if m not in TWINS]
+
+
+def config_dir(text: str) -> str:
+    """An argparse type: a config directory of one's own, as ``hydra.searchpath`` names it
+    (``file://DIR``) or plainly (``DIR``), made absolute."""
+    path = Path(text.removeprefix("file://")).absolute()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return str(path)
+
+
+def searchpath_override(dirs: list[str]) -> list[str]:
+    """The ``hydra.searchpath`` override that adds ``dirs`` to parity_lab's ``conf/`` (none: no
+    override), each entry quoted for Hydra's grammar (a directory name may hold ``,`` or ``]``)."""
+    from parity_lab.__main__ import hydra_quoted
+
+    entries = ",".join(hydra_quoted(f"file://{d}") for d in dirs)
+    return [f"hydra.searchpath=[{entries}]"] if dirs else []
+
+
+def make_parser() -> Parser:
+    """The command line's parser: nothing heavy imported."""
+    parser = Parser(prog="python -m parity_lab.bench", description=__doc__)
+    add = parser.add_argument
+    add(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="MODEL",
+        help="models to time: names of conf/model (default: every one: "
+        f"{', '.join(MODELS)}), the variants {', '.join(VARIANTS)}, or a model/NAME.yaml "
+        "of a --searchpath",
+    )
+    add(
+        "--searchpath",
+        type=config_dir,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a config directory of your own (file://DIR, as in hydra.searchpath=[file://DIR]; "
+        "repeatable): its model/*.yaml can be timed, in --models, --eval-model and "
+        "--solve-overrides",
+    )
+    add("--batch", type=positive, default=128, help="strings per training step")
+    add("--min-len", type=positive, default=1, help="shortest string of the timed batches")
+    add("--max-len", type=positive, nargs="+", default=[20], help="one or more max_len to time")
+    add("--hidden", type=positive, default=16, help="hidden size of every timed model")
+    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add("--threads", type=positive, default=1, help="torch CPU threads")
+    add("--compile", default=None, help="model.compile mode for the timed models (e.g. default)")
+    add("--warmup", type=int, default=10, help="untimed steps before timing")
+    add(
+        "--compile-after",
+        type=int,
+        default=0,
+        help="time steps a cell without step_backward runs eagerly before its derived graphs are "
+        "compiled (training runs: 200000; 0 here times the compiled steady state, -1 never)",
+    )
+    add("--repeats", type=positive, default=7, help="timed blocks; the median block is reported")
+    add("--steps", type=positive, default=20, help="training steps per timed block")
+    add(
+        "--solve-seeds",
+        type=int,
+        default=5,
+        help="time the default run with seeds 0..N-1 (0: skip)",
+    )
+    add(
+        "--solve-overrides",
+        nargs="*",
+        default=[],
+        metavar="OVERRIDE",
+        help="overrides for the timed default runs and the breakdown (e.g. model=gru)",
+    )
+    add(
+        "--notebook-seeds",
+        type=int,
+        default=3,
+        help="time the notebook baseline with seeds 0..N-1 (0: skip)",
+    )
+    add(
+        "--notebook-max-steps",
+        type=positive,
+        default=20000,
+        help="steps after which a notebook run counts as not solved",
+    )
+    add(
+        "--notebook-eval-every",
+        type=positive,
+        default=100,
+        help="steps between the notebook runs' checks on their 100 test strings",
+    )
+    add(
+        "--breakdown",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time data generation and evaluation within one default run",
+    )
+    add("--eval-bits", type=positive, nargs="*", default=[], help="string lengths to evaluate")
+    add("--eval-strings", type=positive, default=512, help="strings per evaluated length")
+    add(
+        "--eval-chunk",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="bits per chunk to time; 0: the model's own (ParityRNN.eval_chunk_len, else 64)",
+    )
+    add(
+        "--eval-model",
+        nargs="+",
+        default=["lstm"],
+        help="models to evaluate: a model name, optionally followed by ,key=value overrides",
+    )
+    add("--eval-repeats", type=positive, default=1, help="rounds of the evaluation timings")
+    add(
+        "--startup",
+        action="store_true",
+        help="only time whole processes (import torch, predict, a bad value, the default run)",
+    )
+    add("--startup-repeats", type=positive, default=5, help="rounds of the --startup commands")
+    add("--output", default="outputs/bench.json", help="where to write the JSON results")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (run as a script, it is read once before torch loads: below)."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.min_len > min(args.max_len):
+        parser.error(f"--min-len {args.min_len} is longer than --max-len {min(args.max_len)}")
+    own = sorted({p.stem for d in args.searchpath for p in Path(d, "model").glob("*.yaml")})
+    known = [*MODELS, *own]
+    args.models = MODELS if args.models is None else args.models
+    for name in args.models:
+        if name not in known and name not in VARIANTS:
+            parser.error(f"--models {name!r}: not a model; the models are {known + list(VARIANTS)}")
+    for setting in args.eval_model:
+        if setting.split(",")[0] not in known:
+            parser.error(f"--eval-model {setting!r}: the name before ',' must be one of {known}")
+    return args
+
+
+if __name__ == "__main__":  # --help and usage errors answer before the seconds of import torch
+    parse_args()
+
 import torch
 from torch import nn
 
 from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
 from parity_lab.models import manual
 from parity_lab.models.manual import ManualLSTM, ManualRecurrent
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TWINS = ["rnn", "rnn_manual", "lstm", "lstm_manual", "gru", "gru_manual"]
-# every model of conf/model: the twins first, then the others by name
-MODELS = TWINS + sorted({p.stem for p in (CONF / "model").glob("*.yaml")} - set(TWINS))
 
 
 class PyTorchLSTM(ManualLSTM):
@@ -55,16 +211,6 @@ class AutogradLSTM(PyTorchLSTM):
     """``lstm_manual``'s ``step`` alone, as a new cell is written: its backward is derived."""
 
     step_backward = ManualRecurrent.step_backward
-
-
-# Bench-only variants: a config model plus the class that replaces its recurrent core.
-VARIANTS = {
-    "lstm_manual_pytorch": ("lstm_manual", PyTorchLSTM),
-    "lstm_manual_autograd": ("lstm_manual", AutogradLSTM),
-}
-DEFAULT_MODELS = [
-    m for twin in TWINS for m in (twin, *(v for v, (base, _) in VARIANTS.items() if base == twin))
-] + [m for m in MODELS if m not in TWINS]
 
 
 def compose(*overrides: str) -> Any:
@@ -91,9 +237,11 @@ def make_training_step(
 
     overrides = [f"model={model_name}", f"model.hidden_size={args.hidden}"]
     if model_name in VARIANTS:
-        config_name, core = VARIANTS[model_name]
+        config_name, class_name = VARIANTS[model_name]
+        core = globals()[class_name]
         overrides[0] = f"model={config_name}"
         overrides.append(f"model.rnn._target_={core.__module__}.{core.__qualname__}")
+    overrides += searchpath_override(args.searchpath)
     if args.compile:
         overrides.append(f"model.compile={args.compile}")
     cfg = compose(*overrides)
@@ -184,6 +332,13 @@ def ratios(throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def project_env() -> dict[str, str]:
+    """The environment of a ``python -m parity_lab`` child: this parity_lab first on the path,
+    and the current directory kept, so that a user's own module beside it imports there too."""
+    path = [str(CONF.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
 def default_run_times(seeds: int, overrides: list[str]) -> dict[str, Any]:
     """Wall time of ``python -m parity_lab`` as a subprocess (start-up included), per seed."""
     runs = []
@@ -196,7 +351,7 @@ def default_run_times(seeds: int, overrides: list[str]) -> dict[str, Any]:
                 [*command, f"hydra.run.dir={run_dir}"],
                 check=True,
                 capture_output=True,
-                cwd=CONF.parent,
+                env=project_env(),
             )
             wall = time.perf_counter() - start
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -367,7 +522,12 @@ def evaluation_seconds(args: argparse.Namespace) -> list[dict[str, Any]]:
     models = {}
     for setting in args.eval_model:
         name, *overrides = setting.split(",")
-        cfg = compose(f"model={name}", f"model.hidden_size={args.hidden}", *overrides)
+        cfg = compose(
+            f"model={name}",
+            f"model.hidden_size={args.hidden}",
+            *overrides,
+            *searchpath_override(args.searchpath),
+        )
         torch.manual_seed(0)
         model = instantiate(cfg.model).to(args.device).eval()
         accuracy_at_length(model, 64, args.eval_strings, 0, cfg.data.encoding)  # warm-up
@@ -439,7 +599,7 @@ def startup_times(repeats: int, overrides: list[str]) -> dict[str, Any]:
         for i in range(repeats):
             for name, command in commands.items():
                 start = time.perf_counter()
-                done = subprocess.run(command(i), capture_output=True, text=True, cwd=CONF.parent)
+                done = subprocess.run(command(i), capture_output=True, text=True, env=project_env())
                 seconds[name].append(round(time.perf_counter() - start, 3))
                 if (done.returncode == 0) == (name == "bad value"):
                     raise RuntimeError(f"{name}: exit status {done.returncode}\n{done.stderr}")
@@ -467,99 +627,6 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         "  ".join(str(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) for r in rows
     ]
     return "\n".join(lines)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m parity_lab.bench", description=__doc__.split("\n")[0]
-    )
-    add = parser.add_argument
-    add(
-        "--models",
-        nargs="+",
-        default=MODELS,
-        choices=MODELS + list(VARIANTS),
-        help="models to time",
-    )
-    add("--batch", type=positive, default=128, help="strings per training step")
-    add("--min-len", type=positive, default=1)
-    add("--max-len", type=positive, nargs="+", default=[20], help="one or more max_len to time")
-    add("--hidden", type=positive, default=16, help="hidden size of every timed model")
-    add("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add("--threads", type=positive, default=1, help="torch CPU threads")
-    add("--compile", default=None, help="model.compile mode for the timed models (e.g. default)")
-    add("--warmup", type=int, default=10, help="untimed steps before timing")
-    add(
-        "--compile-after",
-        type=int,
-        default=0,
-        help="time steps a cell without step_backward runs eagerly before its derived graphs are "
-        "compiled (training runs: 200000; 0 here times the compiled steady state, -1 never)",
-    )
-    add("--repeats", type=positive, default=7, help="timed blocks; the median block is reported")
-    add("--steps", type=positive, default=20, help="training steps per timed block")
-    add(
-        "--solve-seeds",
-        type=int,
-        default=5,
-        help="time the default run with seeds 0..N-1 (0: skip)",
-    )
-    add("--solve-overrides", nargs="*", default=[], help="overrides for the timed default runs")
-    add(
-        "--notebook-seeds",
-        type=int,
-        default=3,
-        help="time the notebook baseline with seeds 0..N-1 (0: skip)",
-    )
-    add("--notebook-max-steps", type=positive, default=20000)
-    add("--notebook-eval-every", type=positive, default=100)
-    add(
-        "--breakdown",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="time data generation and evaluation within one default run",
-    )
-    add("--eval-bits", type=positive, nargs="*", default=[], help="string lengths to evaluate")
-    add("--eval-strings", type=positive, default=512)
-    add(
-        "--eval-chunk",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="bits per chunk to time; 0: the model's own (ParityRNN.eval_chunk_len, else 64)",
-    )
-    add(
-        "--eval-model",
-        nargs="+",
-        default=["lstm"],
-        help="models to evaluate: a conf/model name, optionally followed by ,key=value overrides",
-    )
-    add("--eval-repeats", type=positive, default=1, help="rounds of the evaluation timings")
-    add(
-        "--startup",
-        action="store_true",
-        help="only time whole processes (import torch, predict, a bad value, the default run)",
-    )
-    add("--startup-repeats", type=positive, default=5, help="rounds of the --startup commands")
-    add("--output", default="outputs/bench.json", help="where to write the JSON results")
-    args = parser.parse_args(argv)
-    if args.min_len > min(args.max_len):
-        parser.error(f"--min-len {args.min_len} is longer than --max-len {min(args.max_len)}")
-    for setting in args.eval_model:
-        if setting.split(",")[0] not in MODELS:
-            parser.error(f"--eval-model {setting!r}: the name before ',' must be one of {MODELS}")
-    return args
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer >= 1 (a count, a length or a size)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -591,8 +658,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\n" + table(results["ratios"], ["pair", "max_len", "ratio"]))
 
     solve: dict[str, Any] = {}
+    solve_overrides = [*searchpath_override(args.searchpath), *args.solve_overrides]
     if args.solve_seeds:
-        solve["default"] = default_run_times(args.solve_seeds, args.solve_overrides)
+        solve["default"] = default_run_times(args.solve_seeds, solve_overrides)
     if args.notebook_seeds:
         solve["notebook"] = notebook_times(
             args.notebook_seeds, args.notebook_max_steps, args.notebook_eval_every
@@ -615,7 +683,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     if args.breakdown:
-        results["breakdown"] = run_breakdown(args.solve_overrides)
+        results["breakdown"] = run_breakdown(solve_overrides)
         print(
             "\n"
             + table([results["breakdown"]], ["run_s", "data_s", "eval_s", "data_and_eval_share"])

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from parity_lab.cli import Parser
 from parity_lab.run_files import (
     RunFileError,
     check_checkpoint_archive,
@@ -188,14 +189,15 @@ def stdin_strings() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m parity_lab.predict",
-        description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def make_parser() -> Parser:
+    """The command line's parser: nothing heavy imported."""
+    parser = Parser(prog="python -m parity_lab.predict", description=__doc__.split("\n\n")[1])
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a trained run (outputs/runs/...)"
     )
-    parser.add_argument("run_dir", type=Path, help="a run directory (outputs/runs/...)")
-    parser.add_argument("bits", nargs="*", help="bit strings; read from stdin when none given")
+    parser.add_argument(
+        "bits", nargs="*", metavar="BITS", help="bit strings; read from stdin when none given"
+    )
     parser.add_argument(
         "--trust",
         action="append",
@@ -204,7 +206,16 @@ def main(argv: list[str] | None = None) -> None:
         help="a module of your own whose classes the run's config may name (repeatable; or "
         "PARITY_LAB_TRUST=MODULE,...)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, read before torch loads (this module imports it lazily)."""
+    return make_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     trust(args.trust)
     try:
         strings = args.bits or stdin_strings()

@@ -1,10 +1,13 @@
 """What a run shows in TensorBoard besides its curves: a short HParams record, the Text tab, and a
 logger that keeps the run in one event file.
 
-HParams gets at most ``MAX_SETTINGS`` settings: the swept keys, the config group choices
-(``model: gru``), a short fixed core, and the other command-line overrides. Every run declares the
-same metric list (``metric_tags``), since TensorBoard takes the experiment definition from one
-run: a metric a run did not measure is then only blank for that run.
+HParams shows, by default, the first 5 settings TensorBoard lists (those marked as differing
+first) and then every metric, each column 10em wide: at 1400 px, 4 columns past the trial's
+name. So a run records few settings: in a sweep the swept keys, then the model; in a single run
+the model and its command-line overrides. What stays the same across a sweep is in each run's
+Text tab (the composed config). Every run declares the same metric list (``metric_tags``), the
+main results first, since TensorBoard takes the experiment definition from one run: a metric a
+run did not measure is then only blank for that run.
 """
 
 from __future__ import annotations
@@ -25,19 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from parity_lab.naming import override_values
 
-GROUPS = ("model", "data", "loss", "optimizer", "experiment")  # shown as their choice: model: gru
-CORE = (
-    "model.hidden_size",
-    "model.num_layers",
-    "optimizer.lr",
-    "data.min_len",
-    "data.max_len",
-    "data.supervision",
-    "data.encoding",
-    "data.batch_size",
-    "seed",
-)
-MAX_SETTINGS = 24
+MAX_SETTINGS = 12  # a single run with many overrides: the first ones
 NOT_SETTINGS = ("resume", "name", "sweep")  # overrides that do not change what is trained
 Setting = bool | int | float | str
 
@@ -79,15 +70,17 @@ class RunOrigin:
 
 
 def run_settings(cfg: DictConfig, origin: RunOrigin) -> dict[str, Setting]:
-    """The run's HParams settings, swept keys first.
+    """The run's HParams settings: in a sweep the swept keys, then the model; in a single run the
+    model, then the other command-line overrides (what set this run apart when it was started).
 
     A swept key's value is its text on the command line (``4``, ``0.01``, ``null``, as in the
     job's name): one type across the jobs of a sweep, whichever job TensorBoard takes the
-    experiment definition from, shown without TensorBoard's ``4.0000``. Other values keep their
-    type (an int stays an int); nulls are left out and lists become text.
+    experiment definition from, shown without TensorBoard's ``4.0000``. A group's value is its
+    choice (``model: gru``). Other values are read from the config and keep their type (an int
+    stays an int); nulls are left out and lists become text.
     """
     values = override_values(origin.overrides)
-    keys = [*origin.swept, *GROUPS, *CORE, *values]
+    keys = [*origin.swept, "model", *([] if origin.swept else values)]
     settings: dict[str, Setting] = {}
     for key in dict.fromkeys(k for k in keys if k not in NOT_SETTINGS):
         if key in origin.swept:
@@ -106,19 +99,22 @@ def run_settings(cfg: DictConfig, origin: RunOrigin) -> dict[str, Setting]:
     return settings
 
 
+WHOLE_RUN = "whole_run"  # the scalar group of one value per run; TensorBoard sorts it after val/
+
+
 def metric_tags(cfg: DictConfig) -> list[str]:
-    """The HParams metrics, the same list for every run; each is a scalar tag whose last value is
-    the run's result (``val/acc_len_<L>`` ends at the value ``metrics.json`` calls
-    ``test/acc_len_<L>``)."""
+    """The HParams metrics, the same list for every run, the main results first; each is a
+    scalar tag whose last value is the run's result (``val/acc_len_<L>`` ends at the value
+    ``metrics.json`` calls ``test/acc_len_<L>``; ``whole_run/`` holds one value per run)."""
     return [
+        f"{WHOLE_RUN}/solved",
         "val/acc",
+        f"{WHOLE_RUN}/solved_step",
         *(f"val/acc_len_{n}" for n in cfg.eval.lengths),
-        "val/solved",
-        "val/solved_step",
-        "val/exact_until",
-        "val/acc_unseen",
+        f"{WHOLE_RUN}/exact_until",
+        f"{WHOLE_RUN}/acc_unseen",
         "train/loss",
-        "train/seconds",
+        f"{WHOLE_RUN}/train_seconds",
     ]
 
 
@@ -177,9 +173,10 @@ def _code(text: str) -> str:
 
 
 def text_entries(summary: str, origin: RunOrigin, cfg: DictConfig) -> dict[str, str]:
-    """The Text tab: the printed summary, the command that reruns the run, the composed config."""
+    """The Text tab, which sorts by tag: the printed summary first, then the command that reruns
+    the run and the composed config."""
     return {
-        "run/summary": _code(summary),
+        "result/summary": _code(summary),
         "run/command": _code(origin.command),
         "run/config": _code(OmegaConf.to_yaml(cfg)),
     }

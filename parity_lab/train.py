@@ -31,26 +31,31 @@ from parity_lab.run_files import (
     run_lock,
     write_atomic,
 )
-from parity_lab.tensorboard_log import RunLogger, log_run_record
+from parity_lab.tensorboard_log import WHOLE_RUN, RunLogger, log_run_record
 
 
 def result_scalars(metrics: dict[str, Any], validated_last_step: bool) -> dict[str, float]:
     """The run's results as TensorBoard scalars at its last step, where no series holds them yet.
 
-    The final evaluation re-scores the validation sets (``val/acc``, ``test/acc_len_<L>``), so it
-    joins the ``val/`` series only if training ended between two validations.
+    Values that exist once per run go to their own group (``whole_run/``, after ``train/`` and
+    ``val/``), so that those two hold only series. The final evaluation re-scores the validation
+    sets (``val/acc``, ``test/acc_len_<L>``), so it joins the ``val/`` series only if training
+    ended between two validations.
     """
-    scalars = {"val/solved": float(metrics["solved"]), "train/seconds": metrics["train_seconds"]}
+    scalars = {
+        f"{WHOLE_RUN}/solved": float(metrics["solved"]),
+        f"{WHOLE_RUN}/train_seconds": metrics["train_seconds"],
+    }
     if not validated_last_step:
         scalars["val/acc"] = metrics["val/acc"]
         for key, value in metrics.items():
             if key.startswith("test/acc_len_") or key == "test/acc_pool":
                 scalars[key.replace("test/", "val/", 1)] = value
     if metrics["solved_step"] is not None:
-        scalars["val/solved_step"] = metrics["solved_step"]
+        scalars[f"{WHOLE_RUN}/solved_step"] = metrics["solved_step"]
     for key in ("test/exact_until", "test/acc_unseen"):  # measured with eval.curve
         if key in metrics:
-            scalars[key.replace("test/", "val/", 1)] = metrics[key]
+            scalars[key.replace("test/", f"{WHOLE_RUN}/", 1)] = metrics[key]
     return scalars
 
 

@@ -3,6 +3,8 @@ way to shorten any experiment."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import re
 import subprocess
 import sys
@@ -76,8 +78,11 @@ def test_readme_shortening_overrides_are_real_keys_with_valid_values() -> None:
         assert cfg.trainer.max_epochs == 1 and cfg.eval.num_test == 64
 
 
-@pytest.mark.parametrize("module", ["parity_lab.predict", "parity_lab.report"])
-def test_help_answers_before_torch_loads_and_shows_defaults(module: str) -> None:
+TOOLS = ["parity_lab.predict", "parity_lab.analyze", "parity_lab.bench", "parity_lab.report"]
+
+
+@pytest.mark.parametrize("module", TOOLS)
+def test_help_answers_before_torch_loads(module: str) -> None:
     """``--help`` parses the arguments before the seconds of ``import torch``."""
     script = (
         "import runpy, sys\n"
@@ -93,3 +98,20 @@ def test_help_answers_before_torch_loads_and_shows_defaults(module: str) -> None
     )
     assert result.stdout.strip().endswith("no torch"), result.stdout[-500:]
     assert "usage:" in result.stdout
+
+
+@pytest.mark.parametrize("module", ["parity_lab.predict", "parity_lab.analyze", "parity_lab.bench"])
+def test_help_describes_every_argument_and_shows_its_default(module: str) -> None:
+    parser = importlib.import_module(module).make_parser()
+    text = " ".join(parser.format_help().split())  # argparse wraps lines anywhere
+    for action in parser._actions:
+        assert action.help, f"{action.dest} has no description"
+        if action.default not in (None, [], False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in text, action.dest
+
+
+def test_bench_help_says_how_long_a_default_run_takes() -> None:
+    from parity_lab import bench
+
+    text = " ".join(bench.make_parser().format_help().split())
+    assert "With every default it takes about 3 minutes" in text

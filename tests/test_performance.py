@@ -198,4 +198,5 @@ def test_bench_refuses_bad_sizes_in_one_line(
 ) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
-    assert capsys.readouterr().err.strip().endswith(message)
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, the usage not repeated
+    assert line.endswith(f"{message} (see --help)")

@@ -117,7 +117,7 @@ def test_length_curve_reports_lengths_beyond_training(make_config, tmp_path: Pat
     assert "val/length_curve" in event_tags(tmp_path, "images")
     # The curve is also a scalar series with step = length, so runs overlay in Time Series.
     assert dict(scalar_series(tmp_path, "val/acc_by_length")) == pytest.approx(curve)
-    assert scalar_series(tmp_path, "val/exact_until") == [(metrics["global_step"], exact)]
+    assert scalar_series(tmp_path, "whole_run/exact_until") == [(metrics["global_step"], exact)]
 
 
 def test_curricula_pick_lengths_by_step_and_stay_reproducible() -> None:

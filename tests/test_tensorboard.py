@@ -37,15 +37,15 @@ CONSTANT = [
 ]
 # Swept: two models, and the length curve measured by half the jobs (mixed runs).
 SWEPT = ["model=lstm,gru", "eval.curve.max_len=null,64"]
-METRICS = [
+METRICS = [  # the main results first: they show beside the swept settings at 1400 px
+    "whole_run/solved",
     "val/acc",
+    "whole_run/solved_step",
     "val/acc_len_30",
-    "val/solved",
-    "val/solved_step",
-    "val/exact_until",
-    "val/acc_unseen",
+    "whole_run/exact_until",
+    "whole_run/acc_unseen",
     "train/loss",
-    "train/seconds",
+    "whole_run/train_seconds",
 ]
 
 
@@ -123,15 +123,13 @@ def test_run_names_are_short_distinct_and_show_only_what_differs(board: str):
     assert not any(f"{key}=" in run for run in runs for key in constant_keys)
 
 
-def test_hparams_list_the_choices_with_the_swept_keys_first(board: str):
+def test_hparams_hold_only_the_swept_settings_then_the_main_results(board: str):
+    """TensorBoard shows 5 settings, then every metric, 10em a column: constant settings would
+    push the results off a 1400 px screen."""
     experiment = _get(f"{board}/plugin/hparams/experiment", {"experimentName": ""})
     infos = experiment["hparamInfos"]
-    names = [info["name"] for info in infos]
-    assert names[:2] == ["eval.curve.max_len", "model"]  # swept: marked as differing, first
-    assert [info.get("differs", False) for info in infos[:3]] == [True, True, False]
-    assert {"data", "loss", "optimizer", "model.hidden_size", "optimizer.lr", "seed"} <= set(names)
-    assert "experiment" not in names  # a null choice is left out, not written as "None"
-    assert len(names) <= MAX_SETTINGS
+    assert [info["name"] for info in infos] == ["eval.curve.max_len", "model"]  # both swept
+    assert all(info.get("differs") for info in infos)
     assert [m["name"]["tag"] for m in experiment["metricInfos"]] == METRICS
 
 
@@ -161,44 +159,52 @@ def test_every_run_declares_the_same_metrics_and_curve_runs_show_theirs(
         metrics = json.loads((sweep_dir / session["name"] / "metrics.json").read_text())
         assert values["val/acc"] == pytest.approx(metrics["val/acc"])
         assert values["val/acc_len_30"] == pytest.approx(metrics["test/acc_len_30"])
-        assert values["train/seconds"] == pytest.approx(metrics["train_seconds"])
+        assert values["whole_run/train_seconds"] == pytest.approx(metrics["train_seconds"])
+        assert values["whole_run/solved"] == float(metrics["solved"])
         curve = "test/exact_until" in metrics
         assert curve == session["name"].endswith("max_len=64")
-        assert ("val/exact_until" in values) == curve  # measured: shown; not measured: blank
+        assert ("whole_run/exact_until" in values) == curve  # measured: shown; else blank
         if curve:
-            assert values["val/exact_until"] == metrics["test/exact_until"]
+            assert values["whole_run/exact_until"] == metrics["test/exact_until"]
         hparams = group["hparams"]
-        assert hparams["model.hidden_size"] == 4  # constant: a number
+        assert "model.hidden_size" not in hparams  # the same in every job: in the Text tab
         swept = (hparams["model"], hparams["eval.curve.max_len"])  # swept: as on the command line
         assert f"model={swept[0]},max_len={swept[1]}" in session["name"]
         assert "None" not in json.dumps(group["hparams"])
 
 
-def test_scalars_start_with_train_and_val_and_validation_steps_are_steps_taken(
+def scalar_steps(board: str, run: str, tag: str) -> list[int]:
+    query = urllib.parse.urlencode({"run": run, "tag": tag})
+    return [step for _, step, _ in _get(f"{board}/plugin/scalars/scalars?{query}")]
+
+
+def test_train_and_val_hold_series_and_one_off_values_have_their_own_group_after_them(
     board: str, sweep_dir: Path
 ):
     tags = _get(f"{board}/plugin/scalars/tags")
     assert len(tags) == 4
     for run, run_tags in tags.items():
-        assert "epoch" not in run_tags
-        assert all(tag.split("/")[0] in ("train", "val") for tag in run_tags), run_tags
-        assert not any(tag.startswith(("final/", "test/")) for tag in run_tags)
-        query = urllib.parse.urlencode({"run": run, "tag": "val/acc"})
-        steps = [step for _, step, _ in _get(f"{board}/plugin/scalars/scalars?{query}")]
-        assert steps == [10, 20]  # validations after 10 and 20 steps; the test adds no point
+        groups = {tag.split("/")[0] for tag in run_tags}
+        assert groups == {"train", "val", "whole_run"}, run_tags
+        assert sorted(groups)[-1] == "whole_run"  # Time Series sorts groups: it comes last
+        for tag in run_tags:  # one value per run in whole_run/, series in train/ and val/
+            steps = scalar_steps(board, run, tag)
+            assert (len(steps) == 1) == tag.startswith("whole_run/"), (tag, steps)
+        assert scalar_steps(board, run, "val/acc") == [10, 20]  # steps taken; the test adds none
 
 
 def test_every_run_has_its_summary_command_and_config_as_text(board: str, sweep_dir: Path):
     tags = _get(f"{board}/plugin/text/tags")
     assert set(tags) == {d.name for d in job_dirs(sweep_dir)}
     for run_tags in tags.values():
-        assert set(run_tags) == {"run/summary", "run/command", "run/config"}
+        # the Text tab sorts by tag: the summary first
+        assert sorted(run_tags) == ["result/summary", "run/command", "run/config"]
     run = "3_model=gru,max_len=64"
     texts = {
         tag: _get(f"{board}/plugin/text/text?{urllib.parse.urlencode({'run': run, 'tag': tag})}")
-        for tag in ("run/summary", "run/command", "run/config")
+        for tag in ("result/summary", "run/command", "run/config")
     }
-    assert "GRU hidden=4" in texts["run/summary"][0]["text"]
+    assert "GRU hidden=4" in texts["result/summary"][0]["text"]
     assert "python -m parity_lab model=gru eval.curve.max_len=64" in texts["run/command"][0]["text"]
     assert "hidden_size: 4" in texts["run/config"][0]["text"]
 
@@ -210,33 +216,36 @@ def test_each_job_dir_is_tidy(sweep_dir: Path):
         assert not list(job.glob("*.log"))  # nothing was logged, so no empty log file
 
 
-def test_settings_are_capped_swept_first_with_choices_and_no_nulls():
-    cfg = compose_config("model=gru", "model.hidden_size=16", "seed=2", "eval.lengths=[30,60]")
-    overridden = ["eval.lengths", "eval.num_val", "eval.num_test", "eval.stop_when_solved"]
-    overridden += [f"eval.curve.{k}" for k in ("dense_until", "per_decade", "num_strings")]
-    overridden += [f"trainer.{k}" for k in ("max_steps", "val_check_interval", "devices")]
-    overridden += ["trainer.log_every_n_steps", "num_threads", "trainer.accelerator"]
-    overrides = ["model=gru", "model.hidden_size=16", "seed=2", "name=x", "+extra=1"]
-    overrides += [f"{key}=1" for key in overridden]  # values are read from cfg, not from here
+def test_a_sweep_records_its_swept_keys_then_the_model_and_nothing_constant():
+    cfg = compose_config("model=gru", "model.hidden_size=16", "seed=2")
+    overrides = ["model=gru", "model.hidden_size=16", "seed=2"]
     origin = RunOrigin({"model": "gru", "data": "variable", "loss": "builtin"}, overrides, ["seed"])
+    assert run_settings(cfg, origin) == {"seed": "2", "model": "gru"}  # swept: its text
+
+
+def test_a_single_run_records_the_model_and_its_overrides_capped_and_no_nulls():
+    cfg = compose_config("model=gru", "model.hidden_size=16", "seed=2", "eval.lengths=[30,60]")
+    overridden = ["eval.num_val", "eval.num_test", "eval.stop_when_solved", "num_threads"]
+    overridden += [f"trainer.{k}" for k in ("max_steps", "val_check_interval", "devices")]
+    overridden += ["trainer.log_every_n_steps", "trainer.accelerator"]
+    overrides = ["seed=2", "name=x", "+extra=1", "eval.curve.max_len=null", "eval.lengths=[30,60]"]
+    overrides += ["model.hidden_size=16", *(f"{key}=1" for key in overridden)]  # values: cfg's
+    origin = RunOrigin({"model": "gru", "data": "variable"}, overrides, [])
     settings = run_settings(cfg, origin)
-    assert len(settings) == MAX_SETTINGS  # 1 swept + 3 choices + 8 more core + 12 overridden
-    assert list(settings)[:4] == ["seed", "model", "data", "loss"]
+    assert len(settings) == MAX_SETTINGS  # model + 11 overrides; the 12th override is cut
+    assert list(settings)[:4] == ["model", "seed", "eval.lengths", "model.hidden_size"]
     assert settings["model"] == "gru" and settings["model.hidden_size"] == 16
-    assert settings["seed"] == "2"  # swept: its command-line text, the same type in every job
+    assert settings["seed"] == 2  # not swept: its type kept
     assert settings["eval.lengths"] == "[30, 60]" and settings["eval.stop_when_solved"] is True
-    assert isinstance(settings["data.batch_size"], int) and isinstance(
-        settings["optimizer.lr"], float
-    )
     assert "name" not in settings and "extra" not in settings  # not a setting / not in the config
-    assert "experiment" not in settings and "optimizer" not in settings  # no recorded choice
-    assert "trainer.accelerator" not in settings  # the 25th
+    assert "eval.curve.max_len" not in settings and "data" not in settings  # null / not typed
+    assert "trainer.accelerator" not in settings  # past the cap
 
 
 def test_the_final_evaluation_joins_the_val_series_only_between_validations():
     metrics = {"val/acc": 0.9, "test/acc_len_30": 0.8, "solved": False, "solved_step": None,
                "train_seconds": 1.5}  # fmt: skip
     between = result_scalars(metrics, validated_last_step=False)
-    assert between == {"val/solved": 0.0, "train/seconds": 1.5, "val/acc": 0.9,
+    assert between == {"whole_run/solved": 0.0, "whole_run/train_seconds": 1.5, "val/acc": 0.9,
                        "val/acc_len_30": 0.8}  # fmt: skip
     assert "val/acc" not in result_scalars(metrics, validated_last_step=True)

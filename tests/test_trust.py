@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -100,12 +101,12 @@ def test_the_rerun_command_keeps_the_users_searchpath(tmp_path: Path) -> None:
     )
 
 
-def test_docs_sweep_of_a_user_cell_resumes_predicts_analyzes_and_reports_from_its_own_directory(
+def test_docs_sweep_of_a_user_cell_resumes_predicts_analyzes_benches_and_reports_outside_the_repo(
     tmp_path: Path,
 ) -> None:
     """docs/cells.md's sweep command as written (tiny steps appended), run outside the repo;
-    then resume (trusted through the searchpath), predict, analyze (--trust, PARITY_LAB_TRUST)
-    and report."""
+    then resume (trusted through the searchpath), predict, analyze (--trust, PARITY_LAB_TRUST),
+    bench (--searchpath: training steps, a default run, the breakdown, evaluation) and report."""
     from tests.test_cells import CELLS_DOC, EXAMPLE_CELL, EXAMPLE_YAML
 
     (tmp_path / "my_cells.py").write_text(EXAMPLE_CELL)
@@ -137,5 +138,17 @@ def test_docs_sweep_of_a_user_cell_resumes_predicts_analyzes_and_reports_from_it
     assert predicted.returncode == 0 and predicted.stdout.startswith("0110\t"), predicted.stderr
     analyzed = run("parity_lab.analyze", job, "--strings", "8", PARITY_LAB_TRUST="my_cells")
     assert analyzed.returncode == 0 and (tmp_path / job / "analysis" / "automaton.json").is_file()
+    shrink = ["--batch", "4", "--max-len", "6", "--hidden", "2", "--warmup", "1", "--repeats", "1"]
+    shrink += ["--steps", "1", "--notebook-seeds", "0", "--eval-bits", "8", "--eval-strings", "4"]
+    solve = ["--solve-seeds", "1", "--solve-overrides", "model=mgu", *tiny.split()[:5]]
+    bench = ["parity_lab.bench", "--models", "mgu", "gru", "--eval-model", "mgu", *shrink, *solve]
+    assert "--models 'mgu': not a model" in run(*bench, "--output", "b.json").stderr
+    benched = run(*bench, "--searchpath", "file://my_conf", "--output", "b.json")
+    assert benched.returncode == 0, benched.stderr[-3000:]
+    results = json.loads((tmp_path / "b.json").read_text())
+    assert [row["model"] for row in results["throughput"]] == ["mgu", "gru"]
+    assert results["time_to_solve"]["default"]["runs"][0]["seed"] == 0  # trained a user cell
+    assert "model=mgu" in results["time_to_solve"]["default"]["command"]
+    assert results["breakdown"]["global_step"] == 4 and results["evaluation"][0]["model"] == "mgu"
     report = run("parity_lab.report", "sw")
     assert report.returncode == 0 and "model=mgu" in report.stdout
