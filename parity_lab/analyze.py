@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from parity_lab.cli import Parser, positive
+from parity_lab.cli import Parser, add_trust_argument, positive
 
 
 def make_parser() -> Parser:
@@ -55,14 +55,7 @@ def make_parser() -> Parser:
         metavar="BITS",
         help="also follow streams of up to BITS bits and write analysis/drift.json",
     )
-    add(
-        "--trust",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="a module of your own whose classes the run's config may name (repeatable; or "
-        "PARITY_LAB_TRUST=MODULE,...)",
-    )
+    add_trust_argument(parser)
     return parser
 
 

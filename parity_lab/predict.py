@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from parity_lab.cli import Parser
+from parity_lab.cli import Parser, add_trust_argument
 from parity_lab.run_files import (
     RunFileError,
     check_checkpoint_archive,
@@ -198,14 +198,7 @@ def make_parser() -> Parser:
     parser.add_argument(
         "bits", nargs="*", metavar="BITS", help="bit strings; read from stdin when none given"
     )
-    parser.add_argument(
-        "--trust",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="a module of your own whose classes the run's config may name (repeatable; or "
-        "PARITY_LAB_TRUST=MODULE,...)",
-    )
+    add_trust_argument(parser)
     return parser
 
 
