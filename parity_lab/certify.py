@@ -6,13 +6,16 @@
 The proof is a finite graph of labelled boxes (one interval per coordinate of the whole
 recurrent state, every layer's ``h`` and, for the LSTM, ``c``):
 
-1. the start state (all zeros) lies in a box labelled 0;
+1. the start state (all zeros) lies in box 0, the start box, labelled 0;
 2. for every box ``B`` labelled ``p`` and every bit ``b``, the interval image ``step(B, b)``
-   lies inside one box labelled ``p XOR b``;
-3. on every box labelled ``p``, the head's logit is ``> 0`` if ``p = 1`` and ``<= 0`` if ``p = 0``.
+   lies inside one box other than the start box, labelled ``p XOR b``;
+3. on every box but the start box, labelled ``p``, the head's logit is ``> 0`` if ``p = 1`` and
+   ``<= 0`` if ``p = 0``.
 
-By induction on the string, the state after any string lies in a box labelled with its parity
-(1 and 2), so the prediction is right (3): for every string of every length.
+By induction on the string, the state after any string of at least one bit lies in a box other
+than the start box, labelled with its parity (1 and 2), so the prediction is right (3): for every
+string of every length. The start box needs no readout: the empty string is never scored, and
+trained networks often give it a positive logit.
 
 Soundness for the float32 network. ``step`` is evaluated in interval arithmetic on float64 that
 bounds what the float32 computation can return:
@@ -319,6 +322,9 @@ def bit_input(bit: int, encoding: str) -> np.ndarray:
     return np.array([float(bit)] if encoding == "bit" else [float(bit), 1.0 - bit])
 
 
+START = 0  # index of the start box: it holds the start state, never an image, and is not read
+
+
 @dataclass
 class Proof:
     """Labelled boxes: ``lower[k] <= state <= upper[k]`` holds strings of parity ``label[k]``."""
@@ -331,14 +337,15 @@ class Proof:
         return len(self.label)
 
 
-def _inside(proof: Proof, box: Box, label: int, count: int | None = None) -> int:
-    """Index of a box of ``proof`` labelled ``label`` containing ``box``, or -1."""
-    count = len(proof) if count is None else count
+def _inside(proof: Proof, box: Box, label: int, first: int = START + 1) -> int:
+    """Index (``>= first``) of a box of ``proof`` labelled ``label`` containing ``box``, or -1.
+    Images go into boxes after the start box (``first=1``); only the start state may be in it."""
     ok = (
-        (proof.label[:count] == label)
-        & (proof.lower[:count] <= box[0]).all(axis=1)
-        & (proof.upper[:count] >= box[1]).all(axis=1)
+        (proof.label == label)
+        & (proof.lower <= box[0]).all(axis=1)
+        & (proof.upper >= box[1]).all(axis=1)
     )
+    ok[:first] = False
     hits = np.flatnonzero(ok)
     return int(hits[0]) if hits.size else -1
 
@@ -351,11 +358,11 @@ def readout_right(cell: IntervalCell, box: Box, label: int) -> bool:
 def verify(cell: IntervalCell, proof: Proof, encoding: str) -> bool:
     """Check conditions 1-3 of the module doc from the boxes alone."""
     zero = np.zeros(cell.size)
-    if _inside(proof, (zero, zero), 0) < 0:
+    if _inside(proof, (zero, zero), 0, first=START) != START:
         return False
     for k in range(len(proof)):
         box, label = (proof.lower[k], proof.upper[k]), int(proof.label[k])
-        if not readout_right(cell, box, label):
+        if k != START and not readout_right(cell, box, label):
             return False
         for bit in (0, 1):
             if _inside(proof, cell.step(box, bit_input(bit, encoding)), label ^ bit) < 0:
@@ -419,6 +426,7 @@ class Search:
         of a fresh box that the readout gets wrong."""
         lower, upper = np.array(self.lower), np.array(self.upper)
         same = np.array(self.labels) == label
+        same[START] = False  # the start box holds the start state only (module doc)
         inside = same & (lower <= image[0]).all(axis=1) & (upper >= image[1]).all(axis=1)
         if inside.any():
             return None
@@ -474,7 +482,7 @@ def predicts_wrong(model: ParityRNN, bits: str, encoding: str) -> bool:
     return int(logits[0, -1] > 0) != bits.count("1") % 2
 
 
-MERGE_WIDTHS = (0.3, 0.1, 0.03)
+MERGE_WIDTHS = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003)
 
 
 def certify(
@@ -549,6 +557,7 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
     lengths = [n for n in cfg.eval.lengths if n <= limit]
     out: dict[str, Any] = {}
     wrong = worst_case(model, max(lengths, default=1), encoding)
+    long_wrong = None  # a structured string beyond eval.lengths that the network gets wrong
     out["worst_case_wrong"] = None if wrong is None else wrong[1]
     if wrong is not None:
         out["solved"] = False
@@ -561,9 +570,16 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
         out["test/exact_until"] = random_exact if first is None else min(random_exact, first[0] - 1)
         if first is not None and wrong is None:
             out["worst_case_wrong_long"] = first[1]
+            long_wrong = first
     if cfg.eval.get("certify", False):
         if wrong is not None:
             verdict = Certificate(False, counterexample=wrong[1], note="a worst-case string")
+        elif long_wrong is not None:  # a sound "no" for every family, covered by the proof or not
+            verdict = Certificate(
+                False,
+                counterexample=long_wrong[1],
+                note=f"a worst-case string of {long_wrong[0]} bits",
+            )
         else:
             verdict = certify(model, encoding, probe_len=0)
         out["certified"] = verdict.certified

@@ -120,6 +120,32 @@ def state_vectors(state, kind: str) -> torch.Tensor:
     return torch.cat(list(h.unbind(0)), dim=1)
 
 
+def rnn_with_a_positive_start() -> ParityRNN:
+    """The hand-set RNN plus a third unit that is 0 at the start and 1 after any bit; the head
+    reads it so that the start state's logit is positive (+10) and every other logit is as
+    before. Trained networks are like this: the empty string is never scored."""
+    k, offset = 120.0, 70.0
+    model = ParityRNN(nn.RNN, input_size=1, hidden_size=3)
+    weights = {
+        "rnn.weight_ih_l0": [[k], [k], [0.0]],
+        "rnn.weight_hh_l0": [[k / 2, -k / 2, 0.0], [k / 2, -k / 2, 0.0], [0.0, 0.0, 0.0]],
+        "rnn.bias_ih_l0": [-k / 2, -3 * k / 2, k],
+        "rnn.bias_hh_l0": [0.0, 0.0, 0.0],
+        "head.weight": [[k / 2, -k / 2, -offset]],
+        "head.bias": [-k / 2 + offset],
+    }
+    model.load_state_dict({key: torch.tensor(value) for key, value in weights.items()})
+    return model
+
+
+def test_the_start_state_is_not_read_out() -> None:
+    model = rnn_with_a_positive_start()
+    assert model.head(torch.zeros(3)).item() > 0  # the start state is on the "odd" side
+    assert first_wrong_structured(model, 2_000, "bit") is None  # yet every string is right
+    verdict = certify(model)
+    assert verdict.certified is True, verdict.note
+
+
 def test_verify_rejects_a_tampered_proof() -> None:
     cell = interval_cell(handset_gru())
     boxes = [(np.array([-1e-30]), np.array([1e-30]))]
@@ -201,3 +227,27 @@ def test_metrics_with_certificates_read_back(tmp_path) -> None:
         path.write_text(json.dumps({**good, **bad}))
         with pytest.raises(CorruptResultError):
             read_metrics(path)
+
+
+def test_a_long_worst_case_failure_is_a_counterexample_for_an_uncovered_model() -> None:
+    """A model the proof does not cover, right on short strings, wrong on `1 0^k` for a long k:
+    certified is False with that string, not null."""
+    from omegaconf import OmegaConf
+
+    from parity_lab.certify import exactness_metrics
+    from parity_lab.models.handset import handset_linear_rnn
+
+    model = handset_linear_rnn()
+    with torch.no_grad():
+        model.rnn.layers[0].in_proj.bias[0] = -9.0  # a(0) just below 1: the state decays on 0s
+    cfg = OmegaConf.create(
+        {
+            "data": {"encoding": "bit"},
+            "eval": {"lengths": [16], "certify": True, "curve": {"max_len": 100_000}},
+        }
+    )
+    out = exactness_metrics(model, cfg, {"test/exact_until": 100_000})
+    assert out["worst_case_wrong"] is None  # right on every worst-case string to 16 bits
+    assert out["certified"] is False
+    bits = expand(out["certified_counterexample"])
+    assert len(bits) > 16 and run_bits(model, bits) != bits.count("1") % 2
