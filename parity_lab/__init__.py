@@ -10,6 +10,9 @@ HEADS = ("logit", "tokens")
 READOUTS = ("last", "padded_end")  # model.readout: where a string's prediction is read
 # model.compile: None (eager) or a torch.compile mode; reduce-overhead replays CUDA graphs.
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# data.density: every training bit a fair coin, or each training string's chance of a 1
+# uniform in [0, 1] (long runs of 0s and of 1s, the strings that break leaky networks)
+DENSITIES = ("fair", "uniform")
 SCHEDULES = ("none", "linear", "warmup")  # data.curriculum.schedule (see data.Curriculum)
 LR_SHAPES = ("cosine", "linear")  # scheduler.shape: the lr's fall after warm-up (warmup_decay)
 # model.eigenvalues of linear_rnn / deltanet: transition values in [0, 1] or in [-1, 1]

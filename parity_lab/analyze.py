@@ -588,8 +588,7 @@ def automaton_line(is_parity: bool, proof: Any) -> str:
             f"one: it is wrong on {proof.counterexample}"
         )
     return (
-        "on the analysed strings it is the 2-state parity automaton (not proven for every "
-        "length)"
+        "on the analysed strings it is the 2-state parity automaton (not proven for every length)"
     )
 
 

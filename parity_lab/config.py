@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from parity_lab import (
     COMPILE_MODES,
+    DENSITIES,
     EIGENVALUES,
     ENCODING_SIZES,
     HEADS,
@@ -30,6 +31,15 @@ from parity_lab.run_files import (
 )
 
 SUPERVISIONS = ("final", "every_step")
+# Cores whose outputs lie in [-1, 1], where the saturation penalty mean(1 - h^2) means something.
+SATURATING_CORES = tuple(
+    f"{module}.{name}"
+    for module, names in (
+        ("torch.nn", ("RNN", "GRU", "LSTM")),
+        ("parity_lab.models", ("ManualRNN", "ManualGRU", "ManualLSTM")),
+    )
+    for name in names
+)
 TOKEN_LOSS = "torch.nn.CrossEntropyLoss"  # loss=token_ce, the tokens head's loss
 
 
@@ -147,6 +157,26 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
             )
     if "conv_size" in cfg.model:  # the published DeltaNet and mLSTM's short convolution
         _int(cfg, "model.conv_size", 1)
+    saturation = OmegaConf.select(cfg, "saturation.weight", default=0.0)
+    if (
+        isinstance(saturation, bool)
+        or not isinstance(saturation, int | float)
+        or not (0 <= saturation < math.inf)
+    ):
+        raise ConfigError(
+            f"saturation.weight={saturation!r} is invalid: expected a finite number >= 0"
+        )
+    if "saturation" in cfg:
+        _int(cfg, "saturation.start_step", 0)
+    if saturation > 0:
+        core = OmegaConf.select(cfg, "model.rnn._target_")
+        relu = OmegaConf.select(cfg, "model.rnn.nonlinearity") == "relu"
+        if core not in SATURATING_CORES or relu:
+            raise ConfigError(
+                f"saturation.weight={saturation} with model.rnn._target_={core!r} is invalid: "
+                "the penalty needs a core whose outputs lie in [-1, 1] (rnn with tanh, gru, lstm "
+                "and their manual twins)"
+            )
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
     if cfg.data.min_len > cfg.data.max_len:
@@ -158,6 +188,8 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
     _int(cfg, "data.num_train", 1, optional=True)
     _choice(cfg, "data.supervision", SUPERVISIONS)
     _choice(cfg, "data.encoding", ENCODING_SIZES)
+    if "density" in cfg.data:
+        _choice(cfg, "data.density", DENSITIES)
     _choice(cfg, "data.curriculum.schedule", SCHEDULES)
     _int(cfg, "data.curriculum.start_len", 1)
     _int(cfg, "data.curriculum.steps", 1)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from parity_lab import ENCODING_SIZES
+from parity_lab import DENSITIES, ENCODING_SIZES
 
 
 class ParityBatch(NamedTuple):
@@ -56,11 +56,22 @@ def make_batch(bits: torch.Tensor, lengths: torch.Tensor, encoding: str) -> Pari
 
 
 def sample_bits(
-    generator: torch.Generator, num: int, min_len: int, max_len: int
+    generator: torch.Generator, num: int, min_len: int, max_len: int, density: str = "fair"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num`` strings, lengths uniform in ``min_len..max_len``, zero-padded to ``max_len``."""
+    """``num`` strings, lengths uniform in ``min_len..max_len``, zero-padded to ``max_len``.
+
+    ``density``: ``fair``, every bit a fair coin; ``uniform``, each string first draws its chance
+    ``p`` of a 1 uniformly from [0, 1], then its bits with that chance, so runs of 0s (small
+    ``p``) and of 1s (large ``p``) as long as the string appear often.
+    """
     lengths = torch.randint(min_len, max_len + 1, (num,), generator=generator)
-    bits = torch.randint(0, 2, (num, max_len), generator=generator, dtype=torch.int64)
+    if density == "uniform":
+        chance = torch.rand(num, 1, generator=generator)
+        bits = (torch.rand(num, max_len, generator=generator) < chance).long()
+    elif density == "fair":
+        bits = torch.randint(0, 2, (num, max_len), generator=generator, dtype=torch.int64)
+    else:
+        raise ValueError(f"data.density={density!r}: allowed values are {list(DENSITIES)}")
     bits *= torch.arange(max_len) < lengths[:, None]
     return bits, lengths
 
@@ -92,6 +103,7 @@ class Curriculum(NamedTuple):
 class ParityStream(IterableDataset):
     """Training batches indexed by global step, starting wherever the trainer is.
 
+    ``density`` (``sample_bits``) shapes the training strings only; evaluation sets stay fair.
     With ``num_train=None`` batch ``i`` is ``batch_size`` fresh strings drawn from key
     ``(seed, "train", i)``, forever. With an int, a fixed set of ``num_train`` strings is drawn once
     and iterated in epochs, reshuffled per epoch from ``(seed, "shuffle", epoch)``; one iteration
@@ -108,8 +120,10 @@ class ParityStream(IterableDataset):
         encoding: str,
         first_step: Callable[[], int] = lambda: 0,
         curriculum: Curriculum | None = None,
+        density: str = "fair",
     ) -> None:
         super().__init__()
+        self.density = density
         self.curriculum = curriculum or Curriculum()
         self.seed, self.min_len, self.max_len = seed, min_len, max_len
         self.batch_size, self.num_train, self.encoding = batch_size, num_train, encoding
@@ -128,11 +142,13 @@ class ParityStream(IterableDataset):
         if self.num_train is None:
             g = key_generator(self.seed, "train", step)
             shortest, longest = self.curriculum.bounds(step, self.min_len, self.max_len)
-            bits, lengths = sample_bits(g, self.batch_size, shortest, longest)
+            bits, lengths = sample_bits(g, self.batch_size, shortest, longest, self.density)
             return make_batch(bits, lengths, self.encoding)
         if self._train_set is None:
             g = key_generator(self.seed, "train_set")
-            self._train_set = sample_bits(g, self.num_train, self.min_len, self.max_len)
+            self._train_set = sample_bits(
+                g, self.num_train, self.min_len, self.max_len, self.density
+            )
         epoch, position = divmod(step, self.batches_per_epoch)
         if self._order is None or self._order[0] != epoch:
             g = key_generator(self.seed, "shuffle", epoch)

@@ -30,6 +30,7 @@ class ParityDataModule(L.LightningDataModule):
         eval_batch_size: int = 1024,
         curriculum: Mapping[str, Any] | None = None,
         pool: Mapping[str, int] | None = None,
+        density: str = "fair",
     ) -> None:
         super().__init__()
         self.min_len, self.max_len, self.batch_size = min_len, max_len, batch_size
@@ -38,6 +39,7 @@ class ParityDataModule(L.LightningDataModule):
         self.num_val, self.num_test, self.eval_batch_size = num_val, num_test, eval_batch_size
         self.curriculum = Curriculum(**(curriculum or {}))
         self.pool = dict(pool) if pool else None
+        self.density = density  # training strings only (data.sample_bits)
         self._eval_sets: dict[str, ParityBatch] | None = None
 
     @property
@@ -85,6 +87,7 @@ class ParityDataModule(L.LightningDataModule):
             self.encoding,
             first_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
             curriculum=self.curriculum,
+            density=self.density,
         )
         return DataLoader(stream, batch_size=None)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning as L
@@ -58,9 +58,17 @@ class ParityModule(L.LightningModule):
         eval_names: list[str],
         scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
         | None = None,
+        saturation: Mapping[str, Any] | None = None,
     ) -> None:
+        """``saturation`` (``{weight, start_step}``): from training step ``start_step`` on, the
+        loss adds ``weight * mean(1 - h^2)`` over the core's outputs ``h`` at every position of
+        every string. It pushes units in [-1, 1] to saturate, which is what lets the certificate
+        close on a trained network (docs/certify.md); 0 is off."""
         super().__init__()
         self.model, self.loss, self.optimizer = model, loss, optimizer
+        saturation = saturation or {}
+        self.saturation_weight = float(saturation.get("weight", 0.0))
+        self.saturation_start = int(saturation.get("start_step", 0))
         self.scheduler = scheduler
         self.supervision, self.eval_names = supervision, eval_names
         self.eval_acc = nn.ModuleDict(
@@ -78,12 +86,21 @@ class ParityModule(L.LightningModule):
         return logits, final, parity
 
     def training_step(self, batch: ParityBatch, batch_idx: int) -> torch.Tensor:
+        penalise = self.saturation_weight > 0 and self.global_step >= self.saturation_start
+        outputs = self.model.rnn(batch.x)[0] if penalise else None
         if self.model.head_kind == "tokens":
             # The published head: cross-entropy over (pad, bit 0, bit 1), the answer's class
             # being 1 + parity; its parity logit is score(bit 1) - score(bit 0).
-            scores = self.model.token_scores(batch.x)
+            scores = (
+                self.model.token_scores(batch.x)
+                if outputs is None
+                else self.model.head.scores(outputs)
+            )
             logits = scores[..., 2] - scores[..., 1]
             targets = batch.targets.long() + 1
+        elif outputs is not None:
+            scores = logits = self.model.head(outputs).squeeze(-1)
+            targets = batch.targets
         else:
             scores = logits = self.model(batch.x, batch.lengths)
             targets = batch.targets
@@ -102,11 +119,18 @@ class ParityModule(L.LightningModule):
                 "or set trainer.gradient_clip_val; the checkpoint and logs written so far are kept"
             )
         trainer = self._trainer  # None when called outside a Trainer
-        if trainer is None or (self.global_step + 1) % trainer.log_every_n_steps == 0:
+        logging = trainer is None or (self.global_step + 1) % trainer.log_every_n_steps == 0
+        if logging:
             # Only on the steps the logger writes: each self.log costs ~0.5 ms, a third of a step.
             self.log("train/loss", loss, prog_bar=True)
             self.log("train/acc", ((final > 0).float() == parity).float().mean(), prog_bar=True)
-        return loss
+        if outputs is None:
+            return loss
+        positions = torch.arange(outputs.shape[1], device=self.device) < batch.lengths.unsqueeze(1)
+        saturation = (1 - outputs[positions].square()).mean()
+        if logging:
+            self.log("train/saturation", saturation)
+        return loss + self.saturation_weight * saturation
 
     def _evaluate(self, stage: str, batch: ParityBatch, dataloader_idx: int) -> None:
         _, final, parity = self.predict_final(batch)

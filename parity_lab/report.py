@@ -346,8 +346,7 @@ def summary_table(groups: list[Group]) -> str:
             verdicts = [job.metrics.get("certified") for job in group.ok]
             counts = "/".join(str(sum(v is x for v in verdicts)) for x in (True, False, None))
             wrong = [
-                job.metrics.get("worst_case_wrong")
-                or job.metrics.get("certified_counterexample")
+                job.metrics.get("worst_case_wrong") or job.metrics.get("certified_counterexample")
                 for job in group.ok
             ]
             shortest = min((w for w in wrong if w), key=lambda w: len(expand(w)), default=None)

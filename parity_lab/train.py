@@ -222,6 +222,7 @@ def train_locked(
         supervision=cfg.data.supervision,
         eval_names=datamodule.eval_names,
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None,
+        saturation=cfg.get("saturation"),
     )
     logger = RunLogger(run_dir, name="", version="", default_hp_metric=False)
     solved = SolvedTracker(cfg.eval.stop_when_solved and not skipped)
