@@ -483,13 +483,14 @@ def predicts_wrong(model: ParityRNN, bits: str, encoding: str) -> bool:
 
 
 MERGE_WIDTHS = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003)
+MAX_BOXES = 3000  # per merge width: a few seconds at most on a trained 8-16 unit cell
 
 
 def certify(
     model: ParityRNN,
     encoding: str = "bit",
     merge_widths: tuple[float, ...] = MERGE_WIDTHS,
-    max_boxes: int = 600,
+    max_boxes: int = MAX_BOXES,
     probe_len: int = 4096,
 ) -> Certificate:
     """First the worst-case strings up to ``probe_len`` bits (``parity_lab.worst_case``): a wrong
@@ -604,7 +605,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories (outputs/runs/...)")
     parser.add_argument(
-        "--max-boxes", type=int, default=600, help="boxes per proof attempt (default: 600)"
+        "--max-boxes",
+        type=int,
+        default=MAX_BOXES,
+        help=f"boxes per proof attempt (default: {MAX_BOXES})",
     )
     parser.add_argument(
         "--probe-len",
