@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,16 @@ from parity_lab.run_files import ResultWriteError, first_line
 
 
 class SolvedTracker(L.Callback):
-    """Records the first step at which every ``val/acc*`` metric is 1.0; stops there if asked.
-    Also records the last step validated."""
+    """Records the first step at which every ``val/acc*`` metric is 1.0 and, with
+    ``right_on_worst_case`` (called only then), the worst-case strings are right too; stops there
+    if asked. Random strings alone stop runs that a structured string breaks (a long run of zeros),
+    so the stop asks both, as ``solved`` does. Also records the last step validated."""
 
-    def __init__(self, stop_when_solved: bool) -> None:
+    def __init__(
+        self, stop_when_solved: bool, right_on_worst_case: Callable[[], bool] | None = None
+    ) -> None:
         self.stop_when_solved = stop_when_solved
+        self.right_on_worst_case = right_on_worst_case
         self.solved_step: int | None = None
         self.validated_step: int | None = None
 
@@ -36,6 +42,8 @@ class SolvedTracker(L.Callback):
         self.validated_step = trainer.global_step
         accuracies = [v for k, v in trainer.callback_metrics.items() if k.startswith("val/acc")]
         if accuracies and all(float(acc) == 1.0 for acc in accuracies):
+            if self.right_on_worst_case is not None and not self.right_on_worst_case():
+                return
             if self.solved_step is None:
                 self.solved_step = trainer.global_step
             if self.stop_when_solved:

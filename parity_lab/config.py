@@ -270,7 +270,9 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
         flag = _value(cfg, "eval.certify")
         if not isinstance(flag, bool):
             raise ConfigError(f"eval.certify={flag!r} is invalid: expected true or false")
-    for key in ("eval.stop_when_solved", "eval.curve.only_solved"):
+    flags = ["eval.stop_when_solved", "eval.curve.only_solved"]
+    flags += ["eval.stop_needs_worst_case"] * ("stop_needs_worst_case" in cfg.eval)
+    for key in flags:
         flag = _value(cfg, key)
         if not isinstance(flag, bool):
             raise ConfigError(f"{key}={flag!r} is invalid: expected true or false")

@@ -32,6 +32,7 @@ from parity_lab.run_files import (
     write_atomic,
 )
 from parity_lab.tensorboard_log import WHOLE_RUN, RunLogger, log_run_record
+from parity_lab.worst_case import worst_case
 
 
 def result_scalars(metrics: dict[str, Any], validated_last_step: bool) -> dict[str, float]:
@@ -225,7 +226,19 @@ def train_locked(
         saturation=cfg.get("saturation"),
     )
     logger = RunLogger(run_dir, name="", version="", default_hp_metric=False)
-    solved = SolvedTracker(cfg.eval.stop_when_solved and not skipped)
+
+    def right_on_worst_case() -> bool:
+        was_training = model.training
+        model.eval()
+        try:
+            return worst_case(model, max(eval_lengths, default=1), cfg.data.encoding) is None
+        finally:
+            model.train(was_training)
+
+    solved = SolvedTracker(
+        cfg.eval.stop_when_solved and not skipped,
+        right_on_worst_case if cfg.eval.get("stop_needs_worst_case", False) else None,
+    )
     checkpoint = LastCheckpoint(run_dir / "checkpoints" / "last.ckpt")
     callbacks: list[L.Callback] = [solved, checkpoint]
     if cfg.trainer.get("enable_progress_bar", True):

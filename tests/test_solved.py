@@ -47,9 +47,20 @@ def test_solved_needs_validation_every_length_and_the_worst_case_strings(
     solved = case == "right everywhere"
     assert metrics["solved"] is solved
     assert metrics["solved_step"] == (1 if solved else None)
-    # the stop follows the validation sets alone: a worst-case miss is found after training
+    # by default the stop follows the validation sets alone: a worst-case miss is found after
     stopped = not below_one
     assert metrics["global_step"] == (1 if stopped else 2)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_stop_can_ask_what_solved_asks(case: str, make_config, tmp_path: Path) -> None:
+    """With eval.stop_needs_worst_case, a worst-case miss keeps the run going like a random one."""
+    overrides, _, _ = CASES[case]
+    cfg = make_config(*ORACLE, *RUN, *overrides, "eval.stop_needs_worst_case=true")
+    metrics = train(cfg, run_dir=tmp_path)
+    solved = case == "right everywhere"
+    assert metrics["solved"] is solved
+    assert metrics["global_step"] == (1 if solved else 2)
 
 
 def test_a_length_beyond_max_len_is_skipped_and_never_solved(make_config, tmp_path: Path) -> None:

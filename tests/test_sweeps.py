@@ -171,7 +171,8 @@ def test_stored_sweep_composes_every_job(name: str):
         jobs = expand_sweep(params, [f"sweep={name}"])
         for overrides in {tuple(o for o in job if not o.startswith("seed=")) for job in jobs}:
             validate(compose("config", overrides=list(overrides)))
-    assert len(jobs) == {"hidden_lr": 60, "lengths": 36, "rfr": 60, "frontier": 35, "certified": 60}[name]
+    sizes = {"hidden_lr": 60, "lengths": 36, "rfr": 60, "frontier": 35, "certified": 60}
+    assert len(jobs) == sizes[name]
 
 
 def test_rfr_sweep_trains_each_model_on_each_openai_setting():
