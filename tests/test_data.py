@@ -77,12 +77,33 @@ def test_pair_encoding_is_bit_and_complement_zero_padded() -> None:
     assert (batch.x[valid][:, 0] == 1 - batch.x[valid][:, 1]).all()
 
 
-def test_evaluation_sets_are_fixed_by_seed_and_held_out() -> None:
+def test_evaluation_sets_are_fixed_by_seed() -> None:
     dm = ParityDataModule(1, 20, 16, seed=1, eval_lengths=[50, 100], num_val=40, num_test=30)
     sets = dm.eval_sets()
     assert list(sets) == ["val", "len_50", "len_100"]
     assert sets["len_100"].lengths.eq(100).all() and len(sets["len_100"].lengths) == 30
     again = eval_set(1, "len_50", 30, 50, 50, "bit")
     assert torch.equal(again.x, sets["len_50"].x)
-    assert not torch.equal(sets["val"].x[:16], stream(seed=1, min_len=1, max_len=20).batch(0).x)
     assert sum(len(b.lengths) for b in split(sets["val"], 16)) == 40
+
+
+def test_each_evaluation_set_has_a_key_of_its_own() -> None:
+    """Training batch 0, val, the held-out length and the pool, all 64 strings of exactly 20 bits:
+    any two drawn from the same key would be equal, so each must come from its own."""
+    dm = ParityDataModule(
+        20, 20, 64, seed=1, eval_lengths=[20], num_val=64, num_test=64,
+        pool={"num": 64, "min_len": 20, "max_len": 20},
+    )  # fmt: skip
+    sets = {name: batch.x for name, batch in dm.eval_sets().items()}
+    sets["train"] = stream(seed=1, min_len=20, max_len=20, batch_size=64).batch(0).x
+    sets["train_set"] = (
+        stream(seed=1, min_len=20, max_len=20, batch_size=64, num_train=64).batch(0).x
+    )
+    assert len(sets) == 5
+    names = sorted(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            same = (sets[a] == sets[b]).all(dim=(1, 2)).float().mean().item()
+            assert same < 0.05, f"{a} and {b} share {same:.0%} of their strings"
+    other_seed = ParityDataModule(20, 20, 64, seed=2, eval_lengths=[20], num_val=64, num_test=64)
+    assert not torch.equal(other_seed.eval_sets()["val"].x, sets["val"])
