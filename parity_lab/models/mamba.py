@@ -160,14 +160,19 @@ class MambaMixer(nn.Module):
         dt_min: float,
         dt_max: float,
         dt_init_floor: float,
+        selective: bool = True,
+        skip: bool = True,
     ) -> None:
         super().__init__()
         inner = expand * d_model
         self.inner, self.d_state, self.dt_rank, self.d_conv = inner, d_state, dt_rank, d_conv
-        self.signed = signed
+        self.signed, self.selective = signed, selective
         self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
         self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
-        self.x_proj = nn.Linear(inner, dt_rank + 2 * d_state, bias=False)
+        self.x_proj = nn.Linear(inner, dt_rank + (2 * d_state if selective else 0), bias=False)
+        if not selective:  # the ablation: B and C the same at every step, N(0, 1) each
+            self.B = nn.Parameter(torch.randn(d_state))
+            self.C = nn.Parameter(torch.randn(d_state))
         self.dt_proj = nn.Linear(dt_rank, inner)
         bound = dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
@@ -177,7 +182,12 @@ class MambaMixer(nn.Module):
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         states = torch.arange(1, d_state + 1, dtype=torch.float).repeat(inner, 1)
         self.A_log = nn.Parameter(torch.log(states))
-        self.D = nn.Parameter(torch.ones(inner))
+        # the ablation without the skip keeps D as a constant 0 (a buffer, never trained)
+        D = torch.ones(inner)
+        if skip:
+            self.D = nn.Parameter(D)
+        else:
+            self.register_buffer("D", torch.zeros_like(D), persistent=False)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
 
     def initial_state(self, x: torch.Tensor) -> LayerState:
@@ -199,7 +209,11 @@ class MambaMixer(nn.Module):
             conv = conv + seq[:, k : k + steps] * weight[:, k]
         new_tail = seq[:, seq.shape[1] - (self.d_conv - 1) :]
         u = F.silu(conv)
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.selective:
+            dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        else:
+            dt, shape = self.x_proj(u), (*u.shape[:2], self.d_state)
+            B, C = self.B.expand(shape), self.C.expand(shape)
         dt = F.softplus(self.dt_proj(dt))  # (batch, time, inner)
         A = -torch.exp(self.A_log)
         if kernel_applies(dt, u, B, C, A, self.D, h0):
@@ -233,14 +247,19 @@ class MambaMixer(nn.Module):
 
 
 class MambaLayer(nn.Module):
-    """``x + mixer(norm(x))``: mambapy's ``ResidualBlock``."""
+    """``x + mixer(norm(x))``: mambapy's ``ResidualBlock``; ``mixer(x)`` alone without
+    ``residual`` (the ablation)."""
 
-    def __init__(self, mixer: MambaMixer, d_model: int, eps: float) -> None:
+    def __init__(self, mixer: MambaMixer, d_model: int, eps: float, residual: bool = True) -> None:
         super().__init__()
         self.mixer = mixer
-        self.norm = RMSNorm(d_model, eps)
+        self.residual = residual
+        if residual:
+            self.norm = RMSNorm(d_model, eps)
 
     def forward(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        if not self.residual:
+            return self.mixer(x, state)
         y, state = self.mixer(self.norm(x), state)
         return x + y, state
 
@@ -250,6 +269,12 @@ class Mamba(nn.Module):
 
     ``forward(x, state) -> (outputs (batch, time, hidden_size), state)``; ``hidden_size`` is
     ``d_model``; ``state`` is one ``(h, convolution inputs)`` pair per layer.
+
+    Three switches, all on in the published block, take it apart toward the minimal diagonal
+    recurrence of ``linear_rnn`` (``experiment=mamba_ablation``): ``selective: false`` makes
+    ``B`` and ``C`` parameters, the same at every step (``dt`` stays input-dependent);
+    ``skip: false`` drops the ``D`` skip; ``residual: false`` drops each layer's RMSNorm and
+    residual, so a layer is its mixer alone.
     """
 
     def analysis_state(self, state: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
@@ -272,6 +297,9 @@ class Mamba(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         rms_norm_eps: float = 1e-5,
+        selective: bool = True,
+        skip: bool = True,
+        residual: bool = True,
     ) -> None:
         super().__init__()
         if not batch_first:
@@ -301,9 +329,12 @@ class Mamba(nn.Module):
                     dt_min,
                     dt_max,
                     dt_init_floor,
+                    selective,
+                    skip,
                 ),  # fmt: skip
                 hidden_size,
                 rms_norm_eps,
+                residual,
             )
             for _ in range(num_layers)
         )
