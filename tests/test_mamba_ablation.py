@@ -87,7 +87,8 @@ STEPS = {  # what each stored step changes, on top of the steps before it
 
 
 def test_each_stored_step_adds_one_change_to_the_published_signed_mamba() -> None:
-    expected = OmegaConf.to_container(compose_config("experiment=state_tracking", "model=mamba_signed"))
+    base = compose_config("experiment=state_tracking", "model=mamba_signed")
+    expected = OmegaConf.to_container(base)
     for step, changes in STEPS.items():
         for key, value in changes.items():
             if key == "loss":  # a group choice: the whole loss config
