@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from mambapy.mamba import Mamba as ReferenceMamba
 from mambapy.mamba import MambaBlock, MambaConfig
 
+from parity_lab.models import mamba
 from parity_lab.models.mamba import Mamba
 
 
@@ -94,3 +96,48 @@ def test_streaming_in_chunks_equals_one_pass(signed: bool, d_conv: int) -> None:
         out, state = ours(piece, state)
         pieces.append(out)
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, atol=1e-5, rtol=1e-5)
+
+
+def kernel_and_reference(signed: bool) -> tuple[Mamba, Mamba]:
+    """The same perturbed weights twice: float32 through the C scan, float64 through
+    ``MambaMixer.scan`` (the PyTorch reference the kernel is held to)."""
+    ours, _ = pair(signed, d_conv=4)
+    reference = copy.deepcopy(ours)  # float64: the kernel does not apply
+    return ours.float(), reference
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("read", ["every_position", "answer_only", "final_state"])
+def test_the_c_scan_equals_the_pytorch_scan(signed: bool, read: str) -> None:
+    """Outputs, final states and gradients of every parameter and of the input. ``answer_only``
+    reads one position per string (the published loss; one string reads none), which is where
+    the kernel's backward skips the steps after it; ``final_state`` also differentiates the
+    state handed to the next chunk."""
+    if mamba.scan_library(16) is None:
+        pytest.skip("no C compiler")
+    kernel, reference = kernel_and_reference(signed)
+    bits = torch.randint(0, 2, (4, 23, 1), generator=torch.Generator().manual_seed(2))
+    answers = torch.tensor([22, 0, 9, -1])  # -1: a string whose loss reads no position
+    results = []
+    for model in (kernel, reference):
+        x = bits.to(next(model.parameters()).dtype).requires_grad_()
+        y, state = model(x)
+        weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+        if read == "answer_only":
+            mask = torch.zeros_like(y[..., 0])
+            rows = answers >= 0
+            mask[rows.nonzero()[:, 0], answers[rows]] = 1
+            weights = weights * mask.unsqueeze(-1)
+        loss = (y * weights).sum()
+        if read == "final_state":
+            loss = loss + state[0][0].square().sum()
+        model.zero_grad()
+        loss.backward()
+        grads = {name: p.grad.double() for name, p in model.named_parameters()}
+        results.append((y.double(), state[0][0].double(), x.grad.double(), grads))
+    (y, h, g_x, grads), (y_ref, h_ref, g_x_ref, grads_ref) = results
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h, h_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g_x, g_x_ref, atol=1e-3, rtol=1e-3)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-3, rtol=1e-3, msg=name)

@@ -67,9 +67,23 @@ int scan_forward(long R, long T, long E, int sign, const float *dt, const float 
     return 0;
 }
 
+/* The last step of row r whose gradient is not all zero (-1: none). A loss read at one position
+ * (the answer) leaves every later step of g_y zero, and the backward starts there. */
+static long last_live_step(long r, long T, long E, const float *g_y, const float *g_h_last,
+                           long S) {
+    if (g_h_last)
+        for (long k = 0; k < S; k++)
+            if (g_h_last[r * S + k] != 0.0f) return T - 1;
+    for (long t = T - 1; t >= 0; t--)
+        for (long c = 0; c < E; c++)
+            if (g_y[(r * T + t) * E + c] != 0.0f) return t;
+    return -1;
+}
+
 /* Gradients of everything from g_y and g_h_last (NULL: zero). g_A and g_D are accumulated into
- * (the caller zeroes them); the others are written. Returns 0, or -1 when the buffer cannot be
- * allocated. */
+ * (the caller zeroes them); the others are written. Steps after a row's last non-zero gradient
+ * get zero gradients without arithmetic (their contributions are exactly zero), and its states
+ * are recomputed only up to that step. Returns 0, or -1 when the buffer cannot be allocated. */
 int scan_backward(long R, long T, long E, int sign, const float *dt, const float *u,
                   const float *Bm, const float *Cm, const float *A, const float *D,
                   const float *h0, const float *g_y, const float *g_h_last, float *g_dt,
@@ -81,8 +95,16 @@ int scan_backward(long R, long T, long E, int sign, const float *dt, const float
     float *gh = es + T * S;
     const float s = sign ? 2.0f : 1.0f, fsign = (float)sign;
     for (long r = 0; r < R; r++) {
+        const long live = last_live_step(r, T, E, g_y, g_h_last, S);
+        if (live < T - 1) { /* the steps after it: zero gradients */
+            const long from = r * T + live + 1, steps = T - 1 - live;
+            memset(g_dt + from * E, 0, sizeof(float) * steps * E);
+            memset(g_u + from * E, 0, sizeof(float) * steps * E);
+            memset(g_B + from * N, 0, sizeof(float) * steps * N);
+            memset(g_C + from * N, 0, sizeof(float) * steps * N);
+        }
         memcpy(hs, h0 + r * S, sizeof(float) * S);
-        for (long t = 0; t < T; t++) {
+        for (long t = 0; t <= live; t++) {
             const long i = (r * T + t) * E;
             step(E, (float)sign, dt + i, u + i, Bm + (r * T + t) * N, A, hs + t * S,
                  hs + (t + 1) * S, es + t * S);
@@ -91,7 +113,7 @@ int scan_backward(long R, long T, long E, int sign, const float *dt, const float
             memcpy(gh, g_h_last + r * S, sizeof(float) * S);
         else
             memset(gh, 0, sizeof(float) * S);
-        for (long t = T - 1; t >= 0; t--) {
+        for (long t = live; t >= 0; t--) {
             const long i = (r * T + t) * E;
             const float *restrict d = dt + i, *restrict x = u + i, *restrict gy = g_y + i;
             const float *restrict Bt = Bm + (r * T + t) * N, *restrict Ct = Cm + (r * T + t) * N;
