@@ -154,6 +154,10 @@ STORED_SWEEPS = {
         "saturation.weight": "0.1,0.0",
         "seed": "range(5)",
     },
+    "mamba_ablation": {
+        "seed": "range(5)",
+        "experiment": ",".join(f"mamba_ablation_{step}" for step in range(1, 6)),
+    },
 }
 
 
@@ -171,7 +175,14 @@ def test_stored_sweep_composes_every_job(name: str):
         jobs = expand_sweep(params, [f"sweep={name}"])
         for overrides in {tuple(o for o in job if not o.startswith("seed=")) for job in jobs}:
             validate(compose("config", overrides=list(overrides)))
-    sizes = {"hidden_lr": 60, "lengths": 36, "rfr": 60, "frontier": 35, "certified": 60}
+    sizes = {
+        "hidden_lr": 60,
+        "lengths": 36,
+        "rfr": 60,
+        "frontier": 35,
+        "certified": 60,
+        "mamba_ablation": 25,
+    }
     assert len(jobs) == sizes[name]
 
 
