@@ -88,6 +88,17 @@ class ParityModule(L.LightningModule):
     def training_step(self, batch: ParityBatch, batch_idx: int) -> torch.Tensor:
         penalise = self.saturation_weight > 0 and self.global_step >= self.saturation_start
         outputs = self.model.rnn(batch.x)[0] if penalise else None
+        rows, last = torch.arange(len(batch.lengths), device=self.device), batch.lengths - 1
+        if (
+            self.model.head_kind == "tokens"
+            and outputs is None
+            and self.supervision == "final"
+            and self.model.readout == "last"
+        ):  # the published loss reads the answer only: so does the model
+            scores = self.model.answer_scores(batch.x, last)
+            final = scores[:, 2] - scores[:, 1]
+            loss = self.loss(scores, batch.targets[rows, last].long() + 1)
+            return self.finish_step(loss, final, batch.targets[rows, last], outputs, batch)
         if self.model.head_kind == "tokens":
             # The published head: cross-entropy over (pad, bit 0, bit 1), the answer's class
             # being 1 + parity; its parity logit is score(bit 1) - score(bit 0).
@@ -105,7 +116,6 @@ class ParityModule(L.LightningModule):
             scores = logits = self.model(batch.x, batch.lengths)
             targets = batch.targets
         final = self.model.final_logits(logits, batch.lengths)
-        rows, last = torch.arange(len(batch.lengths), device=self.device), batch.lengths - 1
         parity = batch.targets[rows, last]
         if self.supervision == "every_step":
             valid = torch.arange(logits.shape[1], device=self.device) < batch.lengths.unsqueeze(1)
@@ -113,6 +123,17 @@ class ParityModule(L.LightningModule):
         else:
             read = last if self.model.readout == "last" else torch.full_like(last, -1)
             loss = self.loss(scores[rows, read], targets[rows, last])
+        return self.finish_step(loss, final, parity, outputs, batch)
+
+    def finish_step(
+        self,
+        loss: torch.Tensor,
+        final: torch.Tensor,
+        parity: torch.Tensor,
+        outputs: torch.Tensor | None,
+        batch: ParityBatch,
+    ) -> torch.Tensor:
+        """The checks, logs and saturation penalty shared by every training loss."""
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at step {self.global_step}: lower optimizer.lr "

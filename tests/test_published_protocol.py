@@ -88,19 +88,37 @@ def test_tokens_head_reads_parity_as_the_difference_of_the_bit_scores() -> None:
     assert head.classes.bias is None  # their lm_head has no bias
 
 
-def test_training_loss_is_cross_entropy_of_three_classes_at_the_answer() -> None:
-    cfg = compose_config("experiment=state_tracking", "model=lstm", "model.hidden_size=4")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=lstm", "model.hidden_size=4"],
+        # reads the answer only (reads_answers): the last block's MLP and norm at the answer
+        ["model=deltanet_published_signed", "model.hidden_size=8", "model.num_layers=2"],
+    ],
+)
+def test_training_loss_is_cross_entropy_of_three_classes_at_the_answer(
+    overrides: list[str],
+) -> None:
+    cfg = compose_config("experiment=state_tracking", *overrides)
     module = _module(cfg)
     batch = ParityStream(0, 2, 9, 16, None, "pair").batch(0)
     loss = module.training_step(batch, 0)
-    # the reference: their loss, the 3-way cross-entropy at the last bit, target token 1 + parity
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    module.zero_grad()
+    # the reference: their loss, the 3-way cross-entropy at the last bit, target token 1 + parity,
+    # from the outputs at every position
     model: ParityRNN = module.model
     outputs, _ = model.rnn(batch.x)
     scores = outputs @ model.head.classes.weight.t()
     rows = torch.arange(16)
     answer = scores[rows, batch.lengths - 1]
     target = 1 + batch.targets[rows, batch.lengths - 1].long()
-    assert torch.allclose(loss, F.cross_entropy(answer, target), atol=1e-6)
+    reference = F.cross_entropy(answer, target)
+    assert torch.allclose(loss, reference, atol=1e-6)
+    reference.backward()
+    for name, parameter in module.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,15 @@ class ParityRNN(nn.Module):
         """The ``tokens`` head's three scores per position (batch, time, 3), for its loss."""
         return self.head.scores(self.rnn(x)[0])
 
+    def answer_scores(self, x: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+        """The ``tokens`` head's three scores at one position per string (batch, 3), for a loss
+        read there. A core with ``reads_answers`` (its ``forward`` takes ``answers``) skips its
+        position-wise work at every other position; the values are the same."""
+        if getattr(self.rnn, "reads_answers", False):
+            return self.head.scores(self.rnn(x, answers=answers)[0][:, 0])
+        rows = torch.arange(len(answers), device=answers.device)
+        return self.token_scores(x)[rows, answers]
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # Causal: position t sees only inputs up to t, so padding never reaches a valid position.
         if self.training and self._compiled_run is not None:

@@ -204,6 +204,8 @@ class DeltaNetPublished(nn.Module):
     ``(num_layers, batch, num_heads, d_head, d_head)``.
     """
 
+    reads_answers = True  # forward(x, answers=...): outputs at one position per string
+
     def __init__(
         self,
         input_size: int,
@@ -247,13 +249,20 @@ class DeltaNetPublished(nn.Module):
             x.new_zeros(layers, batch, self.num_heads, d, d),
         )
 
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(
+        self, x: torch.Tensor, state: State | None = None, answers: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """``answers`` (one position per string, for training under a loss read there): the
+        outputs at those positions only, ``(batch, 1, hidden_size)``; the last block's MLP and
+        the final norm, which work position by position, then run on those positions alone."""
         if self.embed is not None:
             x = self.embed(x)
         caches, memories = self.initial_state(x) if state is None else state
         new_caches, new_memories = [], []
-        for layer, cache, memory in zip(self.layers, caches, memories, strict=True):
+        for i, (layer, cache, memory) in enumerate(zip(self.layers, caches, memories, strict=True)):
             x, cache, memory = layer.mix(x, cache, memory)
+            if answers is not None and i == self.num_layers - 1:
+                x = x[torch.arange(len(x), device=x.device), answers].unsqueeze(1)
             x = layer.mlp(x)
             new_caches.append(cache)
             new_memories.append(memory)
