@@ -18,7 +18,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from parity_lab.models.deltanet_published import DeltaNetPublished, delta_rule_steps, mlp_size
-from parity_lab.models.xlstm_published import MLSTMPublished, SLSTMPublished
+from parity_lab.models.xlstm_published import (
+    MLSTMPublished,
+    SLSTMPublished,
+    mlstm_answer,
+    mlstm_parallel,
+)
 
 torch.set_default_dtype(torch.float32)
 
@@ -402,3 +407,30 @@ def test_a_bad_conv_size_is_one_config_error(model: str) -> None:
     message = r"model.conv_size=0 is invalid: expected an integer >= 1"
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(f"model={model}", "model.conv_size=0"))
+
+
+def test_the_mlstm_read_at_the_answer_is_that_row_of_the_parallel_form() -> None:
+    """``mlstm_answer`` (training under the published loss) gives the parallel form's ``h~`` at
+    each string's answer, also from a carried memory, a stabiliser ``m_0`` and the first step."""
+    g = torch.Generator().manual_seed(0)
+    batch, heads, steps, d = 5, 2, 9, 4
+    q, k, v = (torch.randn(batch, heads, steps, d, generator=g, dtype=torch.float64)
+               for _ in range(3))  # fmt: skip
+    i_raw, f_raw = (torch.randn(batch, heads, steps, generator=g, dtype=torch.float64)
+                    for _ in range(2))  # fmt: skip
+    for carried in (False, True):
+        if carried:
+            state = (torch.randn(batch, heads, d, d, generator=g, dtype=torch.float64),
+                     torch.randn(batch, heads, d, generator=g, dtype=torch.float64),
+                     torch.randn(batch, heads, generator=g, dtype=torch.float64))  # fmt: skip
+        else:
+            state = (torch.zeros(batch, heads, d, d, dtype=torch.float64),
+                     torch.zeros(batch, heads, d, dtype=torch.float64),
+                     torch.full((batch, heads), -float("inf"), dtype=torch.float64))  # fmt: skip
+        h, _ = mlstm_parallel(q, k, v, i_raw, f_raw, state)
+        answers = torch.tensor([0, 8, 3, 5, 3])
+        rows = torch.arange(batch)
+        q_at = q[rows, :, answers]  # (batch, heads, d)
+        expected = h[rows, :, answers]
+        actual = mlstm_answer(q_at, k, v, i_raw, f_raw, state, answers)
+        torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)

@@ -94,6 +94,7 @@ def test_tokens_head_reads_parity_as_the_difference_of_the_bit_scores() -> None:
         ["model=lstm", "model.hidden_size=4"],
         # reads the answer only (reads_answers): the last block's MLP and norm at the answer
         ["model=deltanet_published_signed", "model.hidden_size=8", "model.num_layers=2"],
+        ["model=xlstm_mlstm", "model.hidden_size=8", "model.num_layers=2"],
     ],
 )
 def test_training_loss_is_cross_entropy_of_three_classes_at_the_answer(

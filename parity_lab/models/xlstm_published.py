@@ -265,6 +265,38 @@ def mlstm_parallel(
     return h, (memory, normaliser, m[:, :, -1])
 
 
+def mlstm_answer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i_raw: torch.Tensor,
+    f_raw: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    answers: torch.Tensor,
+) -> torch.Tensor:
+    """``mlstm_parallel``'s ``h~`` at one position per string only: the row ``t = answers`` of
+    its (time x time) matrices, (batch, heads, d). ``q`` is the query at that position alone,
+    (batch, heads, d); the others as in ``mlstm_parallel``."""
+    memory, normaliser, m_0 = state
+    steps = k.shape[2]
+    forget = torch.cumsum(F.logsigmoid(f_raw), dim=-1)  # (B, H, T)
+    at = answers.view(-1, 1, 1).expand(-1, forget.shape[1], 1)
+    forget_t = forget.gather(-1, at)  # F at the answer, (B, H, 1)
+    log_d = forget_t - forget + i_raw  # (B, H, s)
+    seen = torch.arange(steps, device=q.device) <= answers.view(-1, 1, 1)
+    log_d = torch.where(seen, log_d, -math.inf)
+    log_carried = forget_t.squeeze(-1) + m_0  # (B, H)
+    m = torch.maximum(log_d.amax(-1), log_carried)
+    decay = torch.exp(log_d - m.unsqueeze(-1))
+    carried = torch.exp(log_carried - m).unsqueeze(-1)  # (B, H, 1)
+    k = k / math.sqrt(k.shape[-1])
+    weights = torch.einsum("bhd,bhsd->bhs", q, k) * decay
+    total = weights.sum(-1, keepdim=True) + carried * (q * normaliser).sum(-1, keepdim=True)
+    scale = torch.maximum(total.abs(), torch.exp(-m).unsqueeze(-1)) + MLSTM_EPS
+    carried_read = (q.unsqueeze(-2) @ memory).squeeze(-2)  # (B, H, d)
+    return (torch.einsum("bhs,bhsd->bhd", weights, v) + carried * carried_read) / scale
+
+
 class MLSTMBlock(nn.Module):
     """One published mLSTM block: ``x, (C, n, m, cache) -> x', state'`` (module doc)."""
 
@@ -297,7 +329,11 @@ class MLSTMBlock(nn.Module):
             nn.init.normal_(self.gates.bias[:num_heads], std=0.1)
             self.gates.bias[num_heads:] = torch.linspace(3.0, 6.0, num_heads)
 
-    def forward(self, x: torch.Tensor, state: MLSTMState) -> tuple[torch.Tensor, MLSTMState]:
+    def forward(
+        self, x: torch.Tensor, state: MLSTMState, answers: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MLSTMState]:
+        """With ``answers`` (one position per string): the output at those positions only,
+        (batch, 1, size), and the state passed in unchanged (``XLSTMStack.forward``)."""
         memory, normaliser, m, cache = state
         batch, steps, _ = x.shape
         x_m, z = self.proj_up(layer_norm(x, self.xlstm_norm)).split(self.inner, dim=-1)
@@ -309,6 +345,19 @@ class MLSTMBlock(nn.Module):
 
         def heads(y: torch.Tensor) -> torch.Tensor:  # (B, T, H d) -> (B, H, T, d)
             return y.view(batch, steps, self.num_heads, -1).transpose(1, 2)
+
+        if answers is not None:
+            rows = torch.arange(batch, device=x.device)
+
+            def at(y: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, 1, ...)
+                return y[rows, answers].unsqueeze(1)
+
+            q_at = at(q).view(batch, self.num_heads, -1)
+            h = mlstm_answer(q_at, heads(k), heads(v), i_raw, f_raw, (memory, normaliser, m),
+                             answers)  # fmt: skip
+            h = head_norm(h.reshape(batch, 1, -1), self.outnorm, self.num_heads)
+            out = self.proj_down((h + self.skip * at(x_conv)) * F.silu(at(z)))
+            return at(x) + out, state
 
         h, (memory, normaliser, m) = mlstm_parallel(
             heads(q), heads(k), heads(v), i_raw, f_raw, (memory, normaliser, m)
@@ -334,15 +383,24 @@ class XLSTMStack(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None = None
+        self,
+        x: torch.Tensor,
+        state: tuple[torch.Tensor, ...] | None = None,
+        answers: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``answers`` (where the stack ``reads_answers``): the outputs at one position per
+        string, (batch, 1, hidden_size), the last block computing only those; the state
+        returned is then the last block's input state, not its new one (training reads none)."""
         if self.embed is not None:
             x = self.embed(x)
         if state is None:
             state = self.initial_state(x)
         last = []
-        for layer, *layer_state in zip(self.layers, *state, strict=True):
-            x, new_state = layer(x, tuple(layer_state))
+        for i, (layer, *layer_state) in enumerate(zip(self.layers, *state, strict=True)):
+            if answers is not None and i == self.num_layers - 1:
+                x, new_state = layer(x, tuple(layer_state), answers=answers)
+            else:
+                x, new_state = layer(x, tuple(layer_state))
             last.append(new_state)
         outputs = layer_norm(x, self.post_blocks_norm)
         return outputs, tuple(torch.stack(s) for s in zip(*last, strict=True))
@@ -381,6 +439,8 @@ class MLSTMPublished(XLSTMStack):
     (num_layers, batch, heads, d)``, ``m (num_layers, batch, heads)`` and the conv caches
     ``(num_layers, batch, conv_size - 1, inner)``; d = inner / heads, inner = 2 hidden_size
     rounded up to 64."""
+
+    reads_answers = True  # forward(x, answers=...): see XLSTMStack.forward
 
     def __init__(
         self,
