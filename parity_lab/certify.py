@@ -48,8 +48,10 @@ has no recurrent state.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -592,12 +594,8 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m parity_lab.certify RUN_DIR [RUN_DIR ...]``: one verdict line per run."""
-    import argparse
-    import sys
-    from pathlib import Path
-
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m parity_lab.certify``."""
     parser = argparse.ArgumentParser(
         prog="python -m parity_lab.certify",
         description="Prove that a trained run is right on every string of every length, or find "
@@ -616,6 +614,14 @@ def main(argv: list[str] | None = None) -> None:
         default=4096,
         help="longest worst-case string tried (default: 4096 bits)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m parity_lab.certify RUN_DIR [RUN_DIR ...]``: one verdict line per run."""
+    import sys
+
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.max_boxes < 1 or args.probe_len < 1:
         parser.error("--max-boxes and --probe-len must be >= 1")
