@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from parity_lab import analyze, bench, certify, predict, report, run_files
 from parity_lab.__main__ import RESUME, prepared, searchpath
 from parity_lab.config import ConfigError, resume_config, validate
-from parity_lab.naming import is_group
+from parity_lab.naming import is_group, job_dir_name, run_dir_suffix
 from tests.conftest import CONF, ROOT, compose_config
 from tests.test_cells import EXAMPLE_CELL, EXAMPLE_YAML
 
@@ -198,9 +198,34 @@ def unfinished_run(run_dir: Path, overrides: list[str]) -> None:
     OmegaConf.save(compose_config(*overrides), run_dir / ".hydra" / "config.yaml")
 
 
+def check_names_show_choices(values: dict[str, list[str]], cfg: DictConfig, sweep: bool) -> None:
+    """A run's directory name shows every group choice on its command line, a sweep job's every
+    swept group choice (``model=gru``, or ``gru`` alone in a long name), whatever else they hold:
+    checked on the first job and on each other value of one key at a time."""
+    excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
+    task = {k: v for k, v in values.items() if not k.startswith(("hydra.", "hydra/"))}
+    first = [choices[0] for choices in task.values()]
+    jobs = [first]
+    for i, choices in enumerate(task.values()):
+        jobs += [[*first[:i], choice, *first[i + 1 :]] for choice in choices[1:]]
+    groups = [
+        key
+        for key, choices in task.items()
+        if is_group(key) and key not in excluded and (len(choices) > 1 or not sweep)
+    ]
+    if not groups or (cfg.name is not None and not sweep):
+        return
+    for num, job in enumerate(jobs):
+        name = job_dir_name(num, job, excluded) if sweep else run_dir_suffix(None, job, excluded)
+        parts = set(re.sub(r"^\d*_|-[0-9a-f]{6}$", "", name).split(","))  # no number, hash
+        for line in job:
+            key, value = line.split("=", 1)
+            assert key not in groups or {value, line} & parts, f"{name!r} does not show {line}"
+
+
 def check_main_command(args: list[str], cwd: Path) -> None:
-    """What ``python -m parity_lab ARGS`` checks before its first step, and every job's config
-    validated as training validates it."""
+    """What ``python -m parity_lab ARGS`` checks before its first step, every job's config
+    validated as training validates it, and the names of its directories."""
     resumed = [RESUME.fullmatch(arg)[1] for arg in args if RESUME.fullmatch(arg)]
     if resumed:  # the run it continues: of the user's own cell where the searchpath adds one
         own = ["model=mgu"] if any("searchpath" in arg for arg in args) else []
@@ -215,11 +240,13 @@ def check_main_command(args: list[str], cwd: Path) -> None:
         return
     values = swept_values({}, parsed.overrides)
     cfg = composed(tuple(choices[0] for choices in values.values()))
-    if parsed.multirun or cfg.hydra.mode == RunMode.MULTIRUN:  # -m, or a stored sweep
+    sweep = parsed.multirun or cfg.hydra.mode == RunMode.MULTIRUN  # -m, or a stored sweep
+    if sweep:
         params = cfg.hydra.sweeper.get("params")
         params = OmegaConf.to_container(params, resolve=False) if params else {}
         values = swept_values(params, parsed.overrides)
     validate_sweep(values, searchpath(argv))
+    check_names_show_choices(values, cfg, sweep)
 
 
 @pytest.mark.parametrize(
@@ -240,6 +267,6 @@ def test_a_docs_command_is_accepted(
             TOOLS[module](args)
     except SystemExit as exit:
         if exit.code:
-            pytest.fail(f"{command} is refused: exit {exit.code} (its message is above)")
+            pytest.fail(f"{command} fails: exit {exit.code} (its message is above)")
     except Exception as error:
-        pytest.fail(f"{command} is refused: {type(error).__name__}: {error}")
+        pytest.fail(f"{command} fails: {type(error).__name__}: {error}")
