@@ -27,6 +27,8 @@ from parity_lab import analyze, bench, certify, predict, report, run_files
 from parity_lab.__main__ import RESUME, prepared, searchpath
 from parity_lab.config import ConfigError, resume_config, validate
 from parity_lab.naming import is_group, job_dir_name, run_dir_suffix
+from parity_lab.tensorboard_log import metric_tags
+from parity_lab.train import result_scalars
 from tests.conftest import CONF, ROOT, compose_config
 from tests.test_cells import EXAMPLE_CELL, EXAMPLE_YAML
 
@@ -270,3 +272,20 @@ def test_a_docs_command_is_accepted(
             pytest.fail(f"{command} fails: exit {exit.code} (its message is above)")
     except Exception as error:
         pytest.fail(f"{command} fails: {type(error).__name__}: {error}")
+
+
+def readme_tags(after: str) -> list[str]:
+    """The code spans of the README's TensorBoard section from ``after`` to the sentence's end."""
+    readme = (ROOT / "README.md").read_text()
+    section = " ".join(readme.split("### TensorBoard", 1)[1].split("\n### ", 1)[0].split())
+    return re.findall(r"`([^`]+)`", section.split(after, 1)[1].split(". ", 1)[0])
+
+
+def test_the_readme_names_the_tensorboard_tags_the_runs_write() -> None:
+    cfg = compose_config("eval.lengths=[50]")
+    declared = [tag.replace("acc_len_50", "acc_len_<L>") for tag in metric_tags(cfg)]
+    assert readme_tags("Every run declares the same metrics, the main results first:") == declared
+    metrics = {"solved": True, "train_seconds": 1.0, "val/acc": 1.0, "solved_step": 50}
+    metrics |= {"test/exact_until": 100, "test/acc_unseen": 1.0}  # with the length curve
+    once = {tag.removeprefix("whole_run/") for tag in result_scalars(metrics, True)}
+    assert set(readme_tags("then `whole_run/`, the values that exist once per run")) == once
