@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab.compact import expand
+from parity_lab.naming import CONFIG_DIR
 from parity_lab.run_files import (
     CorruptResultError,
     atomic_path,
@@ -151,6 +152,35 @@ def found_job(job_dir: Path) -> Job:
     else:
         job.note = "no metrics.json and no error.txt: killed, still running, or crashed"
     return job
+
+
+def recorded_value(job_dir: Path | None, key: str) -> str:
+    """What ``key`` was in a job that did not override it, as its directory records it: a group's
+    choice (``.hydra/hydra.yaml``), else the config's value as written, never resolved
+    (``.hydra/config.yaml``); ``""`` when not recorded."""
+    try:
+        if key.isidentifier() and (CONFIG_DIR / key).is_dir():  # a group: model, experiment
+            path, parts = job_dir / ".hydra" / "hydra.yaml", ["hydra", "runtime", "choices", key]
+        else:
+            path, parts = job_dir / ".hydra" / "config.yaml", key.split(".")
+        value = OmegaConf.to_container(read_run_yaml(path), resolve=False)
+        for part in parts:
+            value = value[part]
+    except Exception:  # no directory (a missing job), no such key, an unreadable record
+        return ""
+    if isinstance(value, list) and not any(isinstance(v, dict | list) for v in value):
+        return f"[{','.join(map(str, value))}]"  # as an override writes it: [50,100]
+    return "" if isinstance(value, dict | list) else "null" if value is None else str(value)
+
+
+def fill_unset(jobs: list[Job]) -> None:
+    """Jobs of several sweeps: a key some override and others not gets, in the others, the value
+    they ran with, so that the table compares like with like (never a blank ``key=``)."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+    for job in jobs:
+        for key in keys:
+            if key not in job.overrides and key != SEED_KEY and job.status != "corrupt":
+                job.overrides[key] = recorded_value(job.dir, key)
 
 
 def collect_jobs(sweep_dir: Path) -> list[Job]:
@@ -472,6 +502,8 @@ def write_report(sweep_dir: Path | str, sources: list[Path] | None = None) -> st
     cell beside a stored baseline) goes into ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
     jobs = [job for source in sources or [sweep_dir] for job in collect_jobs(source)]
+    if sources and len(sources) > 1:
+        fill_unset(jobs)
     swept, fixed = swept_keys(jobs)
     groups = group_jobs(jobs, swept)
     write_csv(jobs, sweep_dir)

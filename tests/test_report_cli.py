@@ -97,3 +97,23 @@ def test_several_sweeps_make_one_table_in_out(
     assert sorted(row["model.hidden_size"] for row in rows) == ["4", "8"]
     assert "model.hidden_size=4" in (out / "summary.md").read_text()
     assert not (baseline / "summary.md").exists() and not (new / "summary.md").exists()
+
+
+def test_a_key_one_sweep_overrides_shows_what_the_other_sweep_ran_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A baseline swept without ``model=`` or ``model.hidden_size=`` beside a new sweep that sets
+    them: the baseline's rows say what it ran with (its recorded choice and config), not ``=``."""
+    baseline, new = tmp_path / "baseline", tmp_path / "new"
+    job = fake_job(baseline, 0, 4)
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (job / ".hydra" / "config.yaml").write_text("model:\n  hidden_size: 16\n")
+    (job / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      model: lstm\n"
+    )
+    job = fake_job(new, 0, 8)
+    (job / ".hydra" / "overrides.yaml").write_text("- model=gru\n- model.hidden_size=8\n- seed=0\n")
+    assert main([str(baseline), str(new), "--out", str(tmp_path / "compare")]) == 0
+    table = (tmp_path / "compare" / "summary.md").read_text()
+    assert "| model=lstm model.hidden_size=16 |" in table
+    assert "| model=gru model.hidden_size=8 |" in table
