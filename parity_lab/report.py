@@ -424,9 +424,13 @@ def _numeric(values: list[str]) -> list[float] | None:
         return None
 
 
-def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
+CATEGORY_SPREAD = 0.3  # of the gap between two categories: the width the series share there
+
+
+def summary_figure(title: str, groups: list[Group], swept: list[str]) -> Any:
     """Success rate, val/acc and accuracy at the longest length against the most varied swept
-    parameter, one line per combination of the others."""
+    parameter, one series per combination of the others: a line over numbers, points beside
+    each other over categories (model names: nothing between them to join)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -448,9 +452,12 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
         (longest_label(groups), "acc_longest"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), squeeze=False)
-    for ax, (title, metric) in zip(axes[0], panels, strict=True):
-        for hue, points in lines.items():
+    for ax, (panel, metric) in zip(axes[0], panels, strict=True):
+        for number, (hue, points) in enumerate(lines.items()):
             points.sort(key=lambda p: p[0])
+            # over categories, each series a little aside, so that equal values do not hide
+            spread = 0.0 if numeric or len(lines) < 2 else CATEGORY_SPREAD
+            shift = spread * (number / max(len(lines) - 1, 1) - 0.5)
             xs, ys, errs = [], [], []
             for x, group in points:
                 values = [] if metric is None else group.values(metric)
@@ -461,7 +468,7 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
                 )
                 if y is None:
                     continue
-                xs.append(x)
+                xs.append(x + shift)
                 ys.append(y)
                 errs.append(statistics.stdev(values) if len(values) > 1 else 0.0)
             ax.errorbar(
@@ -475,7 +482,7 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
             )
         if metric is not None:  # accuracies: 0.5 is guessing
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel(x_key or "")
         ax.set_ylim(-0.05, 1.05)
         if numeric and min(numeric) > 0 and max(numeric) / min(numeric) >= 10:
@@ -487,8 +494,16 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
         ax.grid(alpha=0.3)
     if any(lines):
         axes[0][-1].legend(fontsize="small")
-    fig.suptitle(f"{sweep_dir.parent.name}/{sweep_dir.name}: mean ± std over seeds")
+    fig.suptitle(f"{title}: mean ± std over seeds")
     fig.tight_layout()
+    return fig
+
+
+def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
+    """``summary.png``: the ``summary_figure`` of the sweep."""
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(f"{sweep_dir.parent.name}/{sweep_dir.name}", groups, swept)
     path = sweep_dir / "summary.png"
     with atomic_path(path) as temporary:
         fig.savefig(temporary, dpi=100)
