@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parity_lab.cli import Parser, positive
+from parity_lab.cli import Parser, add_trust_argument, positive
 
 MAX_BOXES = 3000  # per merge width: a few seconds at most on a trained 8-16 unit cell
 
@@ -74,6 +74,7 @@ def make_parser() -> Parser:
     parser.add_argument(
         "--probe-len", type=positive, default=4096, help="longest worst-case string tried, in bits"
     )
+    add_trust_argument(parser)
     return parser
 
 
@@ -625,7 +626,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = make_parser().parse_args(argv)
     from parity_lab.predict import PredictError, load_run
+    from parity_lab.run_files import trust
 
+    trust(args.trust)
     torch.set_num_threads(1)
     for run_dir in args.run_dirs:
         try:
