@@ -139,7 +139,8 @@ def found_job(job_dir: Path) -> Job:
             raise ValueError("expected a list of overrides")
         overrides = override_dict(str(o) for o in written)
     except Exception as error:
-        reason = " ".join(str(error).split())[:120]
+        # the reason alone, cut: the file is named once, whatever the length of its path
+        reason = " ".join(str(error).split()).removeprefix(f"{overrides_yaml}: ")[:120]
         return Job(_job_num(job_dir), "corrupt", {}, job_dir, note=f"{overrides_yaml}: {reason}")
     job = Job(_job_num(job_dir), "unfinished", overrides, dir=job_dir)
     if (job_dir / "metrics.json").is_file():
