@@ -300,13 +300,21 @@ def check_output_dirs(argv: list[str]) -> None:
         ) from None
 
 
+def prepared(argv: list[str]) -> list[str]:
+    """``argv`` checked and completed as Hydra gets it: overrides first, the user's searchpath
+    trusted, group choices, ``resume=`` and output directories checked, sweep job names' excluded
+    keys added. ``ConfigError`` (or ``RunFileError``) for what cannot work."""
+    argv = overrides_first(argv)
+    trust(searchpath=searchpath(argv))
+    check_group_choices(argv)
+    argv = directory_overrides(resume_in_place(argv))
+    check_output_dirs(argv)
+    return argv
+
+
 if __name__ == "__main__":
     try:
-        sys.argv = overrides_first(sys.argv)
-        trust(searchpath=searchpath(sys.argv))
-        check_group_choices(sys.argv)
-        sys.argv = directory_overrides(resume_in_place(sys.argv))
-        check_output_dirs(sys.argv)
+        sys.argv = prepared(sys.argv)
     except ConfigError as error:
         sys.exit(f"config error: {error}")
     except RunFileError as error:  # a run directory another process is writing

@@ -50,7 +50,36 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from parity_lab.cli import Parser, add_trust_argument, positive
+
+MAX_BOXES = 3000  # per merge width: a few seconds at most on a trained 8-16 unit cell
+
+
+def make_parser() -> Parser:
+    """The command line of ``python -m parity_lab.certify``: nothing heavy imported."""
+    parser = Parser(
+        prog="python -m parity_lab.certify",
+        description="Prove that a trained run is right on every string of every length, or find "
+        "a string it gets wrong (worst-case strings first, then a search for a proof).",
+    )
+    parser.add_argument(
+        "run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="a trained run (outputs/runs/...)"
+    )
+    parser.add_argument(
+        "--max-boxes", type=positive, default=MAX_BOXES, help="boxes per proof attempt"
+    )
+    parser.add_argument(
+        "--probe-len", type=positive, default=4096, help="longest worst-case string tried, in bits"
+    )
+    add_trust_argument(parser)
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors answer before the seconds of import torch
+    make_parser().parse_args()
 
 import numpy as np
 import torch
@@ -483,7 +512,6 @@ def predicts_wrong(model: ParityRNN, bits: str, encoding: str) -> bool:
 
 
 MERGE_WIDTHS = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003)
-MAX_BOXES = 3000  # per merge width: a few seconds at most on a trained 8-16 unit cell
 
 
 def certify(
@@ -594,33 +622,13 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m parity_lab.certify RUN_DIR [RUN_DIR ...]``: one verdict line per run."""
-    import argparse
     import sys
-    from pathlib import Path
 
-    parser = argparse.ArgumentParser(
-        prog="python -m parity_lab.certify",
-        description="Prove that a trained run is right on every string of every length, or find "
-        "a string it gets wrong (worst-case strings first, then a search for a proof).",
-    )
-    parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories (outputs/runs/...)")
-    parser.add_argument(
-        "--max-boxes",
-        type=int,
-        default=MAX_BOXES,
-        help=f"boxes per proof attempt (default: {MAX_BOXES})",
-    )
-    parser.add_argument(
-        "--probe-len",
-        type=int,
-        default=4096,
-        help="longest worst-case string tried (default: 4096 bits)",
-    )
-    args = parser.parse_args(argv)
-    if args.max_boxes < 1 or args.probe_len < 1:
-        parser.error("--max-boxes and --probe-len must be >= 1")
+    args = make_parser().parse_args(argv)
     from parity_lab.predict import PredictError, load_run
+    from parity_lab.run_files import trust
 
+    trust(args.trust)
     torch.set_num_threads(1)
     for run_dir in args.run_dirs:
         try:

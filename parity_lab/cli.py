@@ -38,7 +38,7 @@ def positive(text: str) -> int:
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:
-    """``--trust MODULE`` of the tools that rebuild a run's model (predict, analyze)."""
+    """``--trust MODULE`` of the tools that rebuild a run's model (predict, analyze, certify)."""
     parser.add_argument(
         "--trust",
         action="append",

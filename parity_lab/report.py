@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from parity_lab.compact import expand
+from parity_lab.naming import CONFIG_DIR
 from parity_lab.run_files import (
     CorruptResultError,
     atomic_path,
@@ -138,7 +139,8 @@ def found_job(job_dir: Path) -> Job:
             raise ValueError("expected a list of overrides")
         overrides = override_dict(str(o) for o in written)
     except Exception as error:
-        reason = " ".join(str(error).split())[:120]
+        # the reason alone, cut: the file is named once, whatever the length of its path
+        reason = " ".join(str(error).split()).removeprefix(f"{overrides_yaml}: ")[:120]
         return Job(_job_num(job_dir), "corrupt", {}, job_dir, note=f"{overrides_yaml}: {reason}")
     job = Job(_job_num(job_dir), "unfinished", overrides, dir=job_dir)
     if (job_dir / "metrics.json").is_file():
@@ -151,6 +153,35 @@ def found_job(job_dir: Path) -> Job:
     else:
         job.note = "no metrics.json and no error.txt: killed, still running, or crashed"
     return job
+
+
+def recorded_value(job_dir: Path | None, key: str) -> str:
+    """What ``key`` was in a job that did not override it, as its directory records it: a group's
+    choice (``.hydra/hydra.yaml``), else the config's value as written, never resolved
+    (``.hydra/config.yaml``); ``""`` when not recorded."""
+    try:
+        if key.isidentifier() and (CONFIG_DIR / key).is_dir():  # a group: model, experiment
+            path, parts = job_dir / ".hydra" / "hydra.yaml", ["hydra", "runtime", "choices", key]
+        else:
+            path, parts = job_dir / ".hydra" / "config.yaml", key.split(".")
+        value = OmegaConf.to_container(read_run_yaml(path), resolve=False)
+        for part in parts:
+            value = value[part]
+    except Exception:  # no directory (a missing job), no such key, an unreadable record
+        return ""
+    if isinstance(value, list) and not any(isinstance(v, dict | list) for v in value):
+        return f"[{','.join(map(str, value))}]"  # as an override writes it: [50,100]
+    return "" if isinstance(value, dict | list) else "null" if value is None else str(value)
+
+
+def fill_unset(jobs: list[Job]) -> None:
+    """Jobs of several sweeps: a key some override and others not gets, in the others, the value
+    they ran with, so that the table compares like with like (never a blank ``key=``)."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+    for job in jobs:
+        for key in keys:
+            if key not in job.overrides and key != SEED_KEY and job.status != "corrupt":
+                job.overrides[key] = recorded_value(job.dir, key)
 
 
 def collect_jobs(sweep_dir: Path) -> list[Job]:
@@ -394,9 +425,13 @@ def _numeric(values: list[str]) -> list[float] | None:
         return None
 
 
-def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
+CATEGORY_SPREAD = 0.3  # of the gap between two categories: the width the series share there
+
+
+def summary_figure(title: str, groups: list[Group], swept: list[str]) -> Any:
     """Success rate, val/acc and accuracy at the longest length against the most varied swept
-    parameter, one line per combination of the others."""
+    parameter, one series per combination of the others: a line over numbers, points beside
+    each other over categories (model names: nothing between them to join)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,9 +453,12 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
         (longest_label(groups), "acc_longest"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), squeeze=False)
-    for ax, (title, metric) in zip(axes[0], panels, strict=True):
-        for hue, points in lines.items():
+    for ax, (panel, metric) in zip(axes[0], panels, strict=True):
+        for number, (hue, points) in enumerate(lines.items()):
             points.sort(key=lambda p: p[0])
+            # over categories, each series a little aside, so that equal values do not hide
+            spread = 0.0 if numeric or len(lines) < 2 else CATEGORY_SPREAD
+            shift = spread * (number / max(len(lines) - 1, 1) - 0.5)
             xs, ys, errs = [], [], []
             for x, group in points:
                 values = [] if metric is None else group.values(metric)
@@ -431,7 +469,7 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
                 )
                 if y is None:
                     continue
-                xs.append(x)
+                xs.append(x + shift)
                 ys.append(y)
                 errs.append(statistics.stdev(values) if len(values) > 1 else 0.0)
             ax.errorbar(
@@ -445,7 +483,7 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
             )
         if metric is not None:  # accuracies: 0.5 is guessing
             ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="chance")
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel(x_key or "")
         ax.set_ylim(-0.05, 1.05)
         if numeric and min(numeric) > 0 and max(numeric) / min(numeric) >= 10:
@@ -457,8 +495,16 @@ def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
         ax.grid(alpha=0.3)
     if any(lines):
         axes[0][-1].legend(fontsize="small")
-    fig.suptitle(f"{sweep_dir.parent.name}/{sweep_dir.name}: mean ± std over seeds")
+    fig.suptitle(f"{title}: mean ± std over seeds")
     fig.tight_layout()
+    return fig
+
+
+def write_plot(sweep_dir: Path, groups: list[Group], swept: list[str]) -> Path:
+    """``summary.png``: the ``summary_figure`` of the sweep."""
+    import matplotlib.pyplot as plt
+
+    fig = summary_figure(f"{sweep_dir.parent.name}/{sweep_dir.name}", groups, swept)
     path = sweep_dir / "summary.png"
     with atomic_path(path) as temporary:
         fig.savefig(temporary, dpi=100)
@@ -472,6 +518,8 @@ def write_report(sweep_dir: Path | str, sources: list[Path] | None = None) -> st
     cell beside a stored baseline) goes into ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
     jobs = [job for source in sources or [sweep_dir] for job in collect_jobs(source)]
+    if sources and len(sources) > 1:
+        fill_unset(jobs)
     swept, fixed = swept_keys(jobs)
     groups = group_jobs(jobs, swept)
     write_csv(jobs, sweep_dir)

@@ -315,8 +315,8 @@ def config_targets(conf_dir: Path) -> dict[str, frozenset[str]]:
 
 TRUST_ENV = "PARITY_LAB_TRUST"  # comma-separated modules whose classes a run may name
 TRUST_HINT = (
-    "to use your own code, trust it from the command line: --trust MODULE (predict, analyze), "
-    f"{TRUST_ENV}=MODULE, or the hydra.searchpath=[file://DIR] your yaml is in"
+    "to use your own code, trust it from the command line: --trust MODULE (predict, analyze, "
+    f"certify), {TRUST_ENV}=MODULE, or the hydra.searchpath=[file://DIR] your yaml is in"
 )
 _trusted_modules: set[str] = set()
 _trusted_targets: dict[str, set[str]] = {}

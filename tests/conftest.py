@@ -29,9 +29,11 @@ FAST = [
 ]
 
 
-def compose_config(*overrides: str) -> DictConfig:
+def compose_config(*overrides: str, hydra: bool = False) -> DictConfig:
+    """The config ``python -m parity_lab`` composes from ``overrides`` (``hydra``: with its
+    ``hydra`` node: mode, sweeper, launcher)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 @pytest.fixture

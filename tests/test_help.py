@@ -78,7 +78,13 @@ def test_readme_shortening_overrides_are_real_keys_with_valid_values() -> None:
         assert cfg.trainer.max_epochs == 1 and cfg.eval.num_test == 64
 
 
-TOOLS = ["parity_lab.predict", "parity_lab.analyze", "parity_lab.bench", "parity_lab.report"]
+TOOLS = [
+    "parity_lab.predict",
+    "parity_lab.analyze",
+    "parity_lab.bench",
+    "parity_lab.report",
+    "parity_lab.certify",
+]
 
 
 @pytest.mark.parametrize("module", TOOLS)
@@ -100,7 +106,9 @@ def test_help_answers_before_torch_loads(module: str) -> None:
     assert "usage:" in result.stdout
 
 
-@pytest.mark.parametrize("module", ["parity_lab.predict", "parity_lab.analyze", "parity_lab.bench"])
+@pytest.mark.parametrize(
+    "module", ["parity_lab.predict", "parity_lab.analyze", "parity_lab.bench", "parity_lab.certify"]
+)
 def test_help_describes_every_argument_and_shows_its_default(module: str) -> None:
     parser = importlib.import_module(module).make_parser()
     text = " ".join(parser.format_help().split())  # argparse wraps lines anywhere

@@ -97,3 +97,68 @@ def test_several_sweeps_make_one_table_in_out(
     assert sorted(row["model.hidden_size"] for row in rows) == ["4", "8"]
     assert "model.hidden_size=4" in (out / "summary.md").read_text()
     assert not (baseline / "summary.md").exists() and not (new / "summary.md").exists()
+
+
+def test_a_key_one_sweep_overrides_shows_what_the_other_sweep_ran_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A baseline swept without ``model=`` or ``model.hidden_size=`` beside a new sweep that sets
+    them: the baseline's rows say what it ran with (its recorded choice and config), not ``=``."""
+    baseline, new = tmp_path / "baseline", tmp_path / "new"
+    job = fake_job(baseline, 0, 4)
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (job / ".hydra" / "config.yaml").write_text("model:\n  hidden_size: 16\n")
+    (job / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      model: lstm\n"
+    )
+    job = fake_job(new, 0, 8)
+    (job / ".hydra" / "overrides.yaml").write_text("- model=gru\n- model.hidden_size=8\n- seed=0\n")
+    assert main([str(baseline), str(new), "--out", str(tmp_path / "compare")]) == 0
+    table = (tmp_path / "compare" / "summary.md").read_text()
+    assert "| model=lstm model.hidden_size=16 |" in table
+    assert "| model=gru model.hidden_size=8 |" in table
+
+
+def plotted(groups: list, swept: list[str]) -> list[dict]:
+    """Each panel of the summary figure: its series (label -> (x, y, line style)) and whether
+    it marks chance."""
+    import matplotlib.pyplot as plt
+
+    from parity_lab.report import summary_figure
+
+    fig = summary_figure("sweep", groups, swept)
+    panels = []
+    for ax in fig.axes:
+        series = {
+            c.get_label(): (list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata()))
+            for c in ax.containers
+        }
+        styles = {c.get_label(): c.lines[0].get_linestyle() for c in ax.containers}
+        chance = any(list(line.get_ydata()) == [0.5, 0.5] for line in ax.lines)
+        panels.append({"series": series, "styles": styles, "chance": chance})
+    plt.close(fig)
+    return panels
+
+
+def test_summary_figure_puts_categories_side_by_side_as_points_and_marks_chance() -> None:
+    from parity_lab.report import Group, Job
+
+    def group(config: dict[str, str], acc: float) -> Group:
+        metrics = {"val/acc": acc, "test/acc_len_50": acc, "solved": acc == 1.0}
+        return Group(config, [Job(0, "ok", dict(config), metrics=metrics)])
+
+    models = [
+        group({"model": m, "optimizer.lr": lr}, 1.0)
+        for m in ("lstm", "gru", "rnn")
+        for lr in ("0.01", "0.001")
+    ]
+    success, val, longest = plotted(models, ["model", "optimizer.lr"])
+    assert not success["chance"] and val["chance"] and longest["chance"]
+    for panel in (success, val, longest):
+        assert set(panel["styles"].values()) == {"None"}  # model names: never joined
+        (xs_a, ys_a), (xs_b, ys_b) = panel["series"].values()  # one series per lr
+        assert ys_a == ys_b and all(a < b < a + 1 for a, b in zip(xs_a, xs_b, strict=True))
+    sizes = [group({"model.hidden_size": h}, 1.0) for h in ("4", "8", "16")]
+    (panel, *_) = plotted(sizes, ["model.hidden_size"])
+    ((xs, _),) = panel["series"].values()
+    assert xs == [4, 8, 16] and set(panel["styles"].values()) == {"-"}  # numbers: a line

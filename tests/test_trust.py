@@ -14,7 +14,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from parity_lab import predict, run_files
+from parity_lab import certify, predict, run_files
 from parity_lab.run_files import UnsafeConfigError, checked_config, trust
 from tests.conftest import ROOT, compose_config, save_as_run
 
@@ -71,8 +71,8 @@ def test_a_user_class_is_refused_until_the_user_trusts_it(user_dir: Path, monkey
         checked_config(user_config("os.system").model, Path("run"), "model")
 
 
-def test_predict_runs_a_user_cell_with_trust_and_refuses_it_without(
-    user_dir: Path, capsys: pytest.CaptureFixture
+def test_predict_and_certify_run_a_user_cell_with_trust_and_refuse_it_without(
+    user_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = user_config()
     model = instantiate(cfg.model)
@@ -80,9 +80,14 @@ def test_predict_runs_a_user_cell_with_trust_and_refuses_it_without(
     save_as_run(run_dir, cfg, model)
     with pytest.raises(SystemExit, match="refusing"):
         predict.main([str(run_dir), "0110"])
+    with pytest.raises(SystemExit, match="refusing"):
+        certify.main([str(run_dir), "--max-boxes", "1", "--probe-len", "8"])
     predict.main([str(run_dir), "0110", "--trust", "user_cells"])
     bits, parity, probability = capsys.readouterr().out.strip().split("\t")
     assert bits == "0110" and parity in "01" and 0 <= float(probability) <= 1
+    monkeypatch.setattr(run_files, "_trusted_modules", set())  # trusted by predict's --trust
+    certify.main([str(run_dir), "--max-boxes", "1", "--probe-len", "8", "--trust", "user_cells"])
+    assert capsys.readouterr().out.startswith(f"{run_dir}\t")  # a verdict on the user's cell
     assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").model.rnn._target_.startswith("user")
 
 
