@@ -13,6 +13,7 @@ from parity_lab.data import encode
 from parity_lab.models import ManualGRU, ManualLSTM, ManualRNN, ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn
 from parity_lab.worst_case import STREAMS, first_wrong_structured, worst_case
+from tests.oracle import ParityOracle, oracle_model
 
 HANDSET = {"lstm": handset_lstm, "gru": handset_gru, "rnn": handset_rnn}
 
@@ -166,6 +167,14 @@ def test_worst_case_strings_find_the_leak_random_strings_miss() -> None:
     assert found is not None and found[1].startswith("1 0^")
     bits = expand(found[1])
     assert len(bits) == found[0] and run_bits(model, bits) != bits.count("1") % 2
+
+
+def test_worst_case_strings_are_no_longer_than_asked() -> None:
+    """``worst_case(model, L)`` tries strings of at most ``L`` bits, the exhaustive ones too: a
+    model wrong only on strings of 12 bits is right as far as 11 bits go."""
+    model = oracle_model(ParityOracle, 1, 1, wrong_at=12)
+    assert worst_case(model, 11, "bit") is None
+    assert worst_case(model, 12, "bit") == (12, "0^12")
 
 
 def test_streams_and_names_agree() -> None:
