@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from parity_lab.certify import Proof, bit_input, certify, interval_cell, verify
+from parity_lab.certify import (
+    MERGE_WIDTHS,
+    START,
+    Proof,
+    Search,
+    bit_input,
+    certify,
+    interval_cell,
+    predicts_wrong,
+    readout_right,
+    verify,
+)
 from parity_lab.compact import expand, run_length
 from parity_lab.data import encode
 from parity_lab.models import ManualGRU, ManualLSTM, ManualRNN, ParityRNN
@@ -152,6 +165,46 @@ def test_verify_rejects_a_tampered_proof() -> None:
     boxes = [(np.array([-1e-30]), np.array([1e-30]))]
     proof = Proof(np.array([b[0] for b in boxes]), np.array([b[1] for b in boxes]), np.array([0]))
     assert not verify(cell, proof, "bit")  # not closed: a 1 leaves the only box
+
+
+def resetting_relu() -> ParityRNN:
+    """One ReLU unit, ``u' = relu(bit - 2 u)``, read as odd when ``u > 1/4``: a 1 toggles it
+    between 0 and 1, but a 0 resets it to 0 (even), so it is wrong on ``10``."""
+    model = ParityRNN(functools.partial(nn.RNN, nonlinearity="relu"), input_size=1, hidden_size=1)
+    weights = {"weight_ih_l0": 1.0, "weight_hh_l0": -2.0, "bias_ih_l0": 0.0, "bias_hh_l0": 0.0}
+    with torch.no_grad():
+        for name, value in weights.items():
+            getattr(model.rnn, name).fill_(value)
+        model.head.weight.fill_(1.0)
+        model.head.bias.fill_(-0.25)
+    return model
+
+
+def test_verify_checks_the_images_of_a_zero() -> None:
+    """Boxes closed under every 1 and read out right, but a 0 takes the odd box's states to the
+    even box: not a proof, and the network is indeed wrong on 10."""
+    model = resetting_relu()
+    assert predicts_wrong(model, "10", "bit") and not predicts_wrong(model, "1", "bit")
+    start, odd, even = ([0.0], [0.0], 0), ([0.5], [1.5], 1), ([0.0], [0.2], 0)
+    proof = Proof(*(np.array(part) for part in zip(start, odd, even, strict=True)))
+    assert not verify(interval_cell(model), proof, "bit")
+
+
+def test_verify_reads_out_every_box_but_the_start_box() -> None:
+    """A proof of the network whose start state reads odd, plus a copy of the start box right
+    after it: closed under both bits (nothing lands in it), but that box is read out, wrongly."""
+    model = rnn_with_a_positive_start()
+    cell = interval_cell(model)
+    for width in MERGE_WIDTHS:
+        outcome, proof = Search(cell, "bit", width).run()
+        if outcome == "proof" and verify(cell, proof, "bit"):
+            break
+    else:
+        pytest.fail("no proof of the network with a positive start")
+    tampered = Proof(*(np.insert(p, 1, p[START], axis=0) for p in (proof.lower, proof.upper,
+                                                                     proof.label)))  # fmt: skip
+    assert not readout_right(cell, (tampered.lower[1], tampered.upper[1]), int(tampered.label[1]))
+    assert not verify(cell, tampered, "bit")
 
 
 def test_uncovered_cores_are_undecided_not_proven() -> None:
