@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 
 import numpy as np
 import pytest
@@ -12,8 +14,10 @@ from torch import nn
 from parity_lab.certify import (
     MERGE_WIDTHS,
     START,
+    IntervalCell,
     Proof,
     Search,
+    _inside,
     bit_input,
     certify,
     interval_cell,
@@ -190,17 +194,49 @@ def test_verify_checks_the_images_of_a_zero() -> None:
     assert not verify(interval_cell(model), proof, "bit")
 
 
-def test_verify_reads_out_every_box_but_the_start_box() -> None:
-    """A proof of the network whose start state reads odd, plus a copy of the start box right
-    after it: closed under both bits (nothing lands in it), but that box is read out, wrongly."""
-    model = rnn_with_a_positive_start()
+def cell_and_proof(model: ParityRNN) -> tuple[IntervalCell, Proof]:
+    """The model's interval cell and a proof that ``verify`` accepts."""
     cell = interval_cell(model)
     for width in MERGE_WIDTHS:
         outcome, proof = Search(cell, "bit", width).run()
         if outcome == "proof" and verify(cell, proof, "bit"):
-            break
-    else:
-        pytest.fail("no proof of the network with a positive start")
+            return cell, proof
+    raise AssertionError("no proof found")
+
+
+def test_verify_needs_each_image_inside_a_box_at_both_ends() -> None:
+    """Lowering one box's top below the top of an image it held (its bottom still below the
+    image's bottom) breaks the proof."""
+    cell, proof = cell_and_proof(handset_lstm())  # its images have width (the RNN's are points)
+    images = [
+        (cell.step((proof.lower[k], proof.upper[k]), bit_input(bit, "bit")), proof.label[k] ^ bit)
+        for k, bit in itertools.product(range(len(proof)), (0, 1))
+    ]
+    (low, high), label = max(images, key=lambda image: (image[0][1] - image[0][0]).max())
+    target, i = _inside(proof, (low, high), int(label)), int(np.argmax(high - low))
+    assert high[i] > low[i]
+    upper = proof.upper.copy()
+    upper[target, i] = (low[i] + high[i]) / 2
+    assert not verify(cell, Proof(proof.lower, upper, proof.label), "bit")
+
+
+def test_verify_needs_every_even_box_wholly_on_the_even_side() -> None:
+    """Shift the head so that one even box's logits straddle 0 (every odd box stays positive):
+    the proof no longer holds."""
+    cell, proof = cell_and_proof(handset_rnn())
+    logits = [cell.logit((lo, hi)) for lo, hi in zip(proof.lower, proof.upper, strict=True)]
+    even = [k for k in range(1, len(proof)) if proof.label[k] == 0]
+    k = max(even, key=lambda k: logits[k][1][0])
+    low, high = logits[k][0][0], logits[k][1][0]
+    assert low < high <= 0
+    shifted = dataclasses.replace(cell, head_bias=cell.head_bias - high + (high - low) / 2)
+    assert not verify(shifted, proof, "bit")
+
+
+def test_verify_reads_out_every_box_but_the_start_box() -> None:
+    """A proof of the network whose start state reads odd, plus a copy of the start box right
+    after it: closed under both bits (nothing lands in it), but that box is read out, wrongly."""
+    cell, proof = cell_and_proof(rnn_with_a_positive_start())
     tampered = Proof(*(np.insert(p, 1, p[START], axis=0) for p in (proof.lower, proof.upper,
                                                                      proof.label)))  # fmt: skip
     assert not readout_right(cell, (tampered.lower[1], tampered.upper[1]), int(tampered.label[1]))
