@@ -129,6 +129,21 @@ def test_the_interval_step_contains_the_float32_step(kind: str, layers: int) -> 
                     assert (lo <= real).all() and (real <= hi).all()
 
 
+@pytest.mark.parametrize("kind", list(CORES))
+@torch.no_grad()
+def test_the_interval_logit_contains_the_networks_logit(kind: str) -> None:
+    """The readout of a box around a real state contains the real logit: the last layer's ``h``
+    is read, in a network of two layers."""
+    torch.manual_seed(0)
+    model = ParityRNN(CORES[kind][0], input_size=1, hidden_size=6, num_layers=2)
+    bits = torch.randint(0, 2, (64, 30))
+    logits, state = model.run(encode(bits, torch.full((64,), 30), "bit"))
+    cell, points = interval_cell(model), state_vectors(state, kind).double().numpy()
+    for point, logit in zip(points, logits[:, -1].double().numpy(), strict=True):
+        lo, hi = cell.logit((point, point))
+        assert lo[0] <= logit <= hi[0]
+
+
 def state_vectors(state, kind: str) -> torch.Tensor:
     """(batch, size) in IntervalCell's layout: per layer h (then c for the LSTM)."""
     if kind == "lstm":
