@@ -364,3 +364,5 @@ def test_a_long_worst_case_failure_is_a_counterexample_for_an_uncovered_model() 
     assert out["certified"] is False
     bits = expand(out["certified_counterexample"])
     assert len(bits) > 16 and run_bits(model, bits) != bits.count("1") % 2
+    # exact up to the string before it, whatever the random strings said
+    assert out["test/exact_until"] == len(bits) - 1 and out["test/exact_until_random"] == 100_000
