@@ -293,7 +293,7 @@ def test_streams_and_names_agree() -> None:
 def test_the_sweep_summary_shows_certificates_and_worst_case_strings() -> None:
     from parity_lab.report import Job, group_jobs, summary_table
 
-    def job(seed: int, certified: bool | None, wrong: str | None) -> Job:
+    def job(seed: int, certified: bool | None, wrong: str | None, exact: int = 30) -> Job:
         metrics = {
             "val/acc": 1.0,
             "solved": wrong is None,
@@ -301,22 +301,23 @@ def test_the_sweep_summary_shows_certificates_and_worst_case_strings() -> None:
             "certified": certified,
             "worst_case_wrong": wrong,
             "certified_counterexample": wrong,
-            "test/exact_until": 30,
+            "test/exact_until": exact,
             "test/exact_until_random": 100000,
             "test/acc_unseen": 1.0,
         }
         return Job(seed, "ok", {"model": "lstm", "seed": str(seed)}, metrics=metrics)
 
     jobs = [
-        job(0, False, "1 0^24"),
+        job(0, False, "0^99", exact=0),  # a short name for a long string
         job(1, None, None),
-        job(2, False, "1 0^14"),
+        job(2, False, "1 0^14", exact=14),
         job(3, True, None),
     ]
     table = summary_table(group_jobs(jobs, ["model"]))
     row = next(line for line in table.splitlines() if "model=lstm" in line)
     assert "1/2/1" in row  # true / false / none
-    assert "`1 0^14`" in row  # the shortest string any seed got wrong
+    assert "`1 0^14`" in row  # the shortest string any seed got wrong, in bits
+    assert "| 0, 30, 14, 30 |" in row  # exact up to, per job: 0 is a figure too
     assert "100000, 100000, 100000, 100000" in row  # the random-only figure, per job
 
 
