@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from parity_lab.certify import Proof, bit_input, certify, interval_cell, verify
+from parity_lab.certify import (
+    MERGE_WIDTHS,
+    START,
+    IntervalCell,
+    Proof,
+    Search,
+    _inside,
+    bit_input,
+    certify,
+    interval_cell,
+    predicts_wrong,
+    readout_right,
+    verify,
+)
 from parity_lab.compact import expand, run_length
 from parity_lab.data import encode
 from parity_lab.models import ManualGRU, ManualLSTM, ManualRNN, ParityRNN
 from parity_lab.models.handset import handset_gru, handset_lstm, handset_rnn
 from parity_lab.worst_case import STREAMS, first_wrong_structured, worst_case
+from tests.oracle import ParityOracle, oracle_model
 
 HANDSET = {"lstm": handset_lstm, "gru": handset_gru, "rnn": handset_rnn}
 
@@ -111,6 +129,21 @@ def test_the_interval_step_contains_the_float32_step(kind: str, layers: int) -> 
                     assert (lo <= real).all() and (real <= hi).all()
 
 
+@pytest.mark.parametrize("kind", list(CORES))
+@torch.no_grad()
+def test_the_interval_logit_contains_the_networks_logit(kind: str) -> None:
+    """The readout of a box around a real state contains the real logit: the last layer's ``h``
+    is read, in a network of two layers."""
+    torch.manual_seed(0)
+    model = ParityRNN(CORES[kind][0], input_size=1, hidden_size=6, num_layers=2)
+    bits = torch.randint(0, 2, (64, 30))
+    logits, state = model.run(encode(bits, torch.full((64,), 30), "bit"))
+    cell, points = interval_cell(model), state_vectors(state, kind).double().numpy()
+    for point, logit in zip(points, logits[:, -1].double().numpy(), strict=True):
+        lo, hi = cell.logit((point, point))
+        assert lo[0] <= logit <= hi[0]
+
+
 def state_vectors(state, kind: str) -> torch.Tensor:
     """(batch, size) in IntervalCell's layout: per layer h (then c for the LSTM)."""
     if kind == "lstm":
@@ -153,6 +186,78 @@ def test_verify_rejects_a_tampered_proof() -> None:
     assert not verify(cell, proof, "bit")  # not closed: a 1 leaves the only box
 
 
+def resetting_relu() -> ParityRNN:
+    """One ReLU unit, ``u' = relu(bit - 2 u)``, read as odd when ``u > 1/4``: a 1 toggles it
+    between 0 and 1, but a 0 resets it to 0 (even), so it is wrong on ``10``."""
+    model = ParityRNN(functools.partial(nn.RNN, nonlinearity="relu"), input_size=1, hidden_size=1)
+    weights = {"weight_ih_l0": 1.0, "weight_hh_l0": -2.0, "bias_ih_l0": 0.0, "bias_hh_l0": 0.0}
+    with torch.no_grad():
+        for name, value in weights.items():
+            getattr(model.rnn, name).fill_(value)
+        model.head.weight.fill_(1.0)
+        model.head.bias.fill_(-0.25)
+    return model
+
+
+def test_verify_checks_the_images_of_a_zero() -> None:
+    """Boxes closed under every 1 and read out right, but a 0 takes the odd box's states to the
+    even box: not a proof, and the network is indeed wrong on 10."""
+    model = resetting_relu()
+    assert predicts_wrong(model, "10", "bit") and not predicts_wrong(model, "1", "bit")
+    start, odd, even = ([0.0], [0.0], 0), ([0.5], [1.5], 1), ([0.0], [0.2], 0)
+    proof = Proof(*(np.array(part) for part in zip(start, odd, even, strict=True)))
+    assert not verify(interval_cell(model), proof, "bit")
+
+
+def cell_and_proof(model: ParityRNN) -> tuple[IntervalCell, Proof]:
+    """The model's interval cell and a proof that ``verify`` accepts."""
+    cell = interval_cell(model)
+    for width in MERGE_WIDTHS:
+        outcome, proof = Search(cell, "bit", width).run()
+        if outcome == "proof" and verify(cell, proof, "bit"):
+            return cell, proof
+    raise AssertionError("no proof found")
+
+
+def test_verify_needs_each_image_inside_a_box_at_both_ends() -> None:
+    """Lowering one box's top below the top of an image it held (its bottom still below the
+    image's bottom) breaks the proof."""
+    cell, proof = cell_and_proof(handset_lstm())  # its images have width (the RNN's are points)
+    images = [
+        (cell.step((proof.lower[k], proof.upper[k]), bit_input(bit, "bit")), proof.label[k] ^ bit)
+        for k, bit in itertools.product(range(len(proof)), (0, 1))
+    ]
+    (low, high), label = max(images, key=lambda image: (image[0][1] - image[0][0]).max())
+    target, i = _inside(proof, (low, high), int(label)), int(np.argmax(high - low))
+    assert high[i] > low[i]
+    upper = proof.upper.copy()
+    upper[target, i] = (low[i] + high[i]) / 2
+    assert not verify(cell, Proof(proof.lower, upper, proof.label), "bit")
+
+
+def test_verify_needs_every_even_box_wholly_on_the_even_side() -> None:
+    """Shift the head so that one even box's logits straddle 0 (every odd box stays positive):
+    the proof no longer holds."""
+    cell, proof = cell_and_proof(handset_rnn())
+    logits = [cell.logit((lo, hi)) for lo, hi in zip(proof.lower, proof.upper, strict=True)]
+    even = [k for k in range(1, len(proof)) if proof.label[k] == 0]
+    k = max(even, key=lambda k: logits[k][1][0])
+    low, high = logits[k][0][0], logits[k][1][0]
+    assert low < high <= 0
+    shifted = dataclasses.replace(cell, head_bias=cell.head_bias - high + (high - low) / 2)
+    assert not verify(shifted, proof, "bit")
+
+
+def test_verify_reads_out_every_box_but_the_start_box() -> None:
+    """A proof of the network whose start state reads odd, plus a copy of the start box right
+    after it: closed under both bits (nothing lands in it), but that box is read out, wrongly."""
+    cell, proof = cell_and_proof(rnn_with_a_positive_start())
+    tampered = Proof(*(np.insert(p, 1, p[START], axis=0) for p in (proof.lower, proof.upper,
+                                                                     proof.label)))  # fmt: skip
+    assert not readout_right(cell, (tampered.lower[1], tampered.upper[1]), int(tampered.label[1]))
+    assert not verify(cell, tampered, "bit")
+
+
 def test_uncovered_cores_are_undecided_not_proven() -> None:
     from parity_lab.models import LinearRNN
 
@@ -168,6 +273,14 @@ def test_worst_case_strings_find_the_leak_random_strings_miss() -> None:
     assert len(bits) == found[0] and run_bits(model, bits) != bits.count("1") % 2
 
 
+def test_worst_case_strings_are_no_longer_than_asked() -> None:
+    """``worst_case(model, L)`` tries strings of at most ``L`` bits, the exhaustive ones too: a
+    model wrong only on strings of 12 bits is right as far as 11 bits go."""
+    model = oracle_model(ParityOracle, 1, 1, wrong_at=12)
+    assert worst_case(model, 11, "bit") is None
+    assert worst_case(model, 12, "bit") == (12, "0^12")
+
+
 def test_streams_and_names_agree() -> None:
     for stream in STREAMS:
         bits = "".join(str(int(b)) for b in stream.bits(0, 40))
@@ -180,7 +293,7 @@ def test_streams_and_names_agree() -> None:
 def test_the_sweep_summary_shows_certificates_and_worst_case_strings() -> None:
     from parity_lab.report import Job, group_jobs, summary_table
 
-    def job(seed: int, certified: bool | None, wrong: str | None) -> Job:
+    def job(seed: int, certified: bool | None, wrong: str | None, exact: int = 30) -> Job:
         metrics = {
             "val/acc": 1.0,
             "solved": wrong is None,
@@ -188,22 +301,23 @@ def test_the_sweep_summary_shows_certificates_and_worst_case_strings() -> None:
             "certified": certified,
             "worst_case_wrong": wrong,
             "certified_counterexample": wrong,
-            "test/exact_until": 30,
+            "test/exact_until": exact,
             "test/exact_until_random": 100000,
             "test/acc_unseen": 1.0,
         }
         return Job(seed, "ok", {"model": "lstm", "seed": str(seed)}, metrics=metrics)
 
     jobs = [
-        job(0, False, "1 0^24"),
+        job(0, False, "0^99", exact=0),  # a short name for a long string
         job(1, None, None),
-        job(2, False, "1 0^14"),
+        job(2, False, "1 0^14", exact=14),
         job(3, True, None),
     ]
     table = summary_table(group_jobs(jobs, ["model"]))
     row = next(line for line in table.splitlines() if "model=lstm" in line)
     assert "1/2/1" in row  # true / false / none
-    assert "`1 0^14`" in row  # the shortest string any seed got wrong
+    assert "`1 0^14`" in row  # the shortest string any seed got wrong, in bits
+    assert "| 0, 30, 14, 30 |" in row  # exact up to, per job: 0 is a figure too
     assert "100000, 100000, 100000, 100000" in row  # the random-only figure, per job
 
 
@@ -251,3 +365,5 @@ def test_a_long_worst_case_failure_is_a_counterexample_for_an_uncovered_model() 
     assert out["certified"] is False
     bits = expand(out["certified_counterexample"])
     assert len(bits) > 16 and run_bits(model, bits) != bits.count("1") % 2
+    # exact up to the string before it, whatever the random strings said
+    assert out["test/exact_until"] == len(bits) - 1 and out["test/exact_until_random"] == 100_000

@@ -347,6 +347,7 @@ def test_exact_until_is_the_end_of_the_first_perfect_stretch() -> None:
     assert exact_until({**sparse, **dense}) == 2000  # keys out of order on purpose
     assert exact_until({**dense, 126: 1.0, 1000: 1.0}) == 1000  # exact everywhere: the longest
     assert exact_until({**dense, 1: 0.98}) == 0  # wrong already at length 1
+    assert exact_until({**dense, 50: 1 - 1 / 512}) == 49  # one string wrong in 512: not exact
 
 
 # --- chunked evaluation reads every bit ------------------------------------------------------

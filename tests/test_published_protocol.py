@@ -73,6 +73,12 @@ def test_null_decay_takes_the_models_and_spares_vectors_and_the_embedding() -> N
     assert all(
         p.ndim == 1 or "embedding" in n for n, p in module.model.named_parameters() if n in spared
     )
+    # the xLSTM's published 0.1 spares its embedding too, named embed there
+    module = _module(compose_config("experiment=state_tracking", "model=xlstm_mlstm"))
+    group_of = {id(p): g for g in module.configure_optimizers().param_groups for p in g["params"]}
+    decay = {n: group_of[id(p)]["weight_decay"] for n, p in module.model.named_parameters()}
+    assert decay["rnn.embed.weight"] == 0.0 and decay["rnn.embed.bias"] == 0.0
+    assert decay["rnn.layers.0.proj_up.weight"] == 0.1 and decay["head.classes.weight"] == 0.1
     # an explicit optimizer.weight_decay applies to every parameter, as before
     cfg = compose_config("experiment=state_tracking", "model=mamba", "optimizer.weight_decay=0.05")
     groups = _module(cfg).configure_optimizers().param_groups
