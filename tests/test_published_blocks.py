@@ -21,7 +21,6 @@ from parity_lab.models.deltanet_published import DeltaNetPublished, delta_rule_s
 from parity_lab.models.xlstm_published import (
     MLSTMPublished,
     SLSTMPublished,
-    mlstm_answer,
     mlstm_parallel,
 )
 
@@ -410,8 +409,9 @@ def test_a_bad_conv_size_is_one_config_error(model: str) -> None:
 
 
 def test_the_mlstm_read_at_the_answer_is_that_row_of_the_parallel_form() -> None:
-    """``mlstm_answer`` (training under the published loss) gives the parallel form's ``h~`` at
-    each string's answer, also from a carried memory, a stabiliser ``m_0`` and the first step."""
+    """``mlstm_parallel`` with ``answers`` (training under the published loss) gives the full
+    parallel form's ``h~`` at each string's answer, also from a carried memory, a stabiliser
+    ``m_0`` and the first step, and leaves the state as it was."""
     g = torch.Generator().manual_seed(0)
     batch, heads, steps, d = 5, 2, 9, 4
     q, k, v = (torch.randn(batch, heads, steps, d, generator=g, dtype=torch.float64)
@@ -430,7 +430,7 @@ def test_the_mlstm_read_at_the_answer_is_that_row_of_the_parallel_form() -> None
         h, _ = mlstm_parallel(q, k, v, i_raw, f_raw, state)
         answers = torch.tensor([0, 8, 3, 5, 3])
         rows = torch.arange(batch)
-        q_at = q[rows, :, answers]  # (batch, heads, d)
-        expected = h[rows, :, answers]
-        actual = mlstm_answer(q_at, k, v, i_raw, f_raw, state, answers)
+        expected = h[rows, :, answers].unsqueeze(2)  # (batch, heads, 1, d)
+        actual, kept = mlstm_parallel(q, k, v, i_raw, f_raw, state, answers)
+        assert kept is state
         torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-10)

@@ -237,64 +237,44 @@ def mlstm_parallel(
     i_raw: torch.Tensor,
     f_raw: torch.Tensor,
     state: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    answers: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The mLSTM's stabilised parallel form over one chunk, from a carried memory (module doc).
 
     ``q, k, v``: (batch, heads, time, d); ``i_raw, f_raw``: (batch, heads, time); ``state``:
     ``C`` (batch, heads, d, d) (keys by values), ``n`` (batch, heads, d), ``m`` (batch, heads).
-    Returns ``h~`` (batch, heads, time, d) and the memory after the chunk.
+    Returns ``h~`` (batch, heads, time, d) and the memory after the chunk. With ``answers`` (one
+    position per string, training under a loss read there) only the row ``t = answers`` of the
+    (time x time) matrices is computed: ``h~`` there, (batch, heads, 1, d), and ``state`` as given.
     """
     memory, normaliser, m_0 = state
     steps = q.shape[2]
     forget = torch.cumsum(F.logsigmoid(f_raw), dim=-1)  # F_t, (B, H, T)
-    causal = torch.ones(steps, steps, dtype=torch.bool, device=q.device).tril()
-    log_d = forget.unsqueeze(-1) - forget.unsqueeze(-2) + i_raw.unsqueeze(-2)  # (B, H, t, s)
+    if answers is None:
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=q.device).tril()
+        forget_t = forget.unsqueeze(-1)  # (B, H, t, 1)
+    else:  # one row t per string
+        causal = torch.arange(steps, device=q.device) <= answers.view(-1, 1, 1, 1)
+        at = answers.view(-1, 1, 1, 1)
+        q = q.gather(2, at.expand(-1, q.shape[1], 1, q.shape[-1]))  # (B, H, 1, d)
+        forget_t = forget.gather(-1, at[..., 0].expand(-1, forget.shape[1], 1)).unsqueeze(-1)
+    log_d = forget_t - forget.unsqueeze(-2) + i_raw.unsqueeze(-2)  # (B, H, t, s)
     log_d = torch.where(causal, log_d, -math.inf)
-    log_carried = forget + m_0.unsqueeze(-1)  # the carried memory's weight, (B, H, T)
+    log_carried = forget_t.squeeze(-1) + m_0.unsqueeze(-1)  # the carried memory's weight
     m = torch.maximum(log_d.amax(-1), log_carried)
     decay = torch.exp(log_d - m.unsqueeze(-1))
-    carried = torch.exp(log_carried - m).unsqueeze(-1)  # (B, H, T, 1)
+    carried = torch.exp(log_carried - m).unsqueeze(-1)  # (B, H, t, 1)
     k = k / math.sqrt(k.shape[-1])
     weights = (q @ k.transpose(-2, -1)) * decay
     total = weights.sum(-1, keepdim=True) + carried * (q @ normaliser.unsqueeze(-1))
     scale = torch.maximum(total.abs(), torch.exp(-m).unsqueeze(-1)) + MLSTM_EPS
     h = (weights @ v + carried * (q @ memory)) / scale
+    if answers is not None:
+        return h, state
     last, last_carried = decay[:, :, -1].unsqueeze(-1), carried[:, :, -1]  # (B, H, s, 1)
     memory = last_carried.unsqueeze(-1) * memory + (k * last).transpose(-2, -1) @ v
     normaliser = last_carried * normaliser + (k * last).sum(-2)
     return h, (memory, normaliser, m[:, :, -1])
-
-
-def mlstm_answer(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    i_raw: torch.Tensor,
-    f_raw: torch.Tensor,
-    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    answers: torch.Tensor,
-) -> torch.Tensor:
-    """``mlstm_parallel``'s ``h~`` at one position per string only: the row ``t = answers`` of
-    its (time x time) matrices, (batch, heads, d). ``q`` is the query at that position alone,
-    (batch, heads, d); the others as in ``mlstm_parallel``."""
-    memory, normaliser, m_0 = state
-    steps = k.shape[2]
-    forget = torch.cumsum(F.logsigmoid(f_raw), dim=-1)  # (B, H, T)
-    at = answers.view(-1, 1, 1).expand(-1, forget.shape[1], 1)
-    forget_t = forget.gather(-1, at)  # F at the answer, (B, H, 1)
-    log_d = forget_t - forget + i_raw  # (B, H, s)
-    seen = torch.arange(steps, device=q.device) <= answers.view(-1, 1, 1)
-    log_d = torch.where(seen, log_d, -math.inf)
-    log_carried = forget_t.squeeze(-1) + m_0  # (B, H)
-    m = torch.maximum(log_d.amax(-1), log_carried)
-    decay = torch.exp(log_d - m.unsqueeze(-1))
-    carried = torch.exp(log_carried - m).unsqueeze(-1)  # (B, H, 1)
-    k = k / math.sqrt(k.shape[-1])
-    weights = torch.einsum("bhd,bhsd->bhs", q, k) * decay
-    total = weights.sum(-1, keepdim=True) + carried * (q * normaliser).sum(-1, keepdim=True)
-    scale = torch.maximum(total.abs(), torch.exp(-m).unsqueeze(-1)) + MLSTM_EPS
-    carried_read = (q.unsqueeze(-2) @ memory).squeeze(-2)  # (B, H, d)
-    return (torch.einsum("bhs,bhsd->bhd", weights, v) + carried * carried_read) / scale
 
 
 class MLSTMBlock(nn.Module):
@@ -352,10 +332,9 @@ class MLSTMBlock(nn.Module):
             def at(y: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (B, 1, ...)
                 return y[rows, answers].unsqueeze(1)
 
-            q_at = at(q).view(batch, self.num_heads, -1)
-            h = mlstm_answer(q_at, heads(k), heads(v), i_raw, f_raw, (memory, normaliser, m),
-                             answers)  # fmt: skip
-            h = head_norm(h.reshape(batch, 1, -1), self.outnorm, self.num_heads)
+            h, _ = mlstm_parallel(heads(q), heads(k), heads(v), i_raw, f_raw,
+                                  (memory, normaliser, m), answers)  # fmt: skip
+            h = head_norm(h.transpose(1, 2).reshape(batch, 1, -1), self.outnorm, self.num_heads)
             out = self.proj_down((h + self.skip * at(x_conv)) * F.silu(at(z)))
             return at(x) + out, state
 
