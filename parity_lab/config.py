@@ -31,12 +31,13 @@ from parity_lab.run_files import (
 )
 
 SUPERVISIONS = ("final", "every_step")
-# Cores whose outputs lie in [-1, 1], where the saturation penalty mean(1 - h^2) means something.
+# Cores whose outputs lie in [-1, 1], where the saturation penalty mean(1 - h^2) means something,
+# and the linear RNN, whose penalty saturates its transitions instead (LinearRNN.saturation).
 SATURATING_CORES = tuple(
     f"{module}.{name}"
     for module, names in (
         ("torch.nn", ("RNN", "GRU", "LSTM")),
-        ("parity_lab.models", ("ManualRNN", "ManualGRU", "ManualLSTM")),
+        ("parity_lab.models", ("ManualRNN", "ManualGRU", "ManualLSTM", "LinearRNN")),
     )
     for name in names
 )
@@ -175,7 +176,7 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
             raise ConfigError(
                 f"saturation.weight={saturation} with model.rnn._target_={core!r} is invalid: "
                 "the penalty needs a core whose outputs lie in [-1, 1] (rnn with tanh, gru, lstm "
-                "and their manual twins)"
+                "and their manual twins) or a linear_rnn, whose transitions it saturates"
             )
     _int(cfg, "data.min_len", 1)
     _int(cfg, "data.max_len", 1)
@@ -271,6 +272,7 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
         if not isinstance(flag, bool):
             raise ConfigError(f"eval.certify={flag!r} is invalid: expected true or false")
     flags = ["eval.stop_when_solved", "eval.curve.only_solved"]
+    flags += ["model.input_bias"] * ("input_bias" in cfg.model)  # linear_rnn
     flags += ["eval.stop_needs_worst_case"] * ("stop_needs_worst_case" in cfg.eval)
     for key in flags:
         flag = _value(cfg, key)

@@ -62,7 +62,8 @@ class ParityModule(L.LightningModule):
     ) -> None:
         """``saturation`` (``{weight, start_step}``): from training step ``start_step`` on, the
         loss adds ``weight * mean(1 - h^2)`` over the core's outputs ``h`` at every position of
-        every string. It pushes units in [-1, 1] to saturate, which is what lets the certificate
+        every string (for a linear RNN, ``weight * mean(LinearRNN.saturation)`` over its
+        transitions). It pushes units in [-1, 1] to saturate, which is what lets the certificate
         close on a trained network (docs/certify.md); 0 is off."""
         super().__init__()
         self.model, self.loss, self.optimizer = model, loss, optimizer
@@ -148,7 +149,10 @@ class ParityModule(L.LightningModule):
         if outputs is None:
             return loss
         positions = torch.arange(outputs.shape[1], device=self.device) < batch.lengths.unsqueeze(1)
-        saturation = (1 - outputs[positions].square()).mean()
+        core = self.model.rnn
+        # the linear RNN saturates its transitions (LinearRNN.saturation), the rest their outputs
+        unsaturated = core.saturation(batch.x) if hasattr(core, "saturation") else 1 - outputs**2
+        saturation = unsaturated[positions].mean()
         if logging:
             self.log("train/saturation", saturation)
         return loss + self.saturation_weight * saturation

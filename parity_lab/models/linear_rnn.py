@@ -20,6 +20,7 @@ between chunks is each layer's last ``h``, shape ``(num_layers, batch, hidden_si
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,13 @@ PIECE = 256
 INFERENCE_VALUES = 2**17
 MIN_PIECE = 64
 EVAL_STRINGS = 512
+# log(decay) beyond which float32 transitions are exactly at an end, with a margin of 8x or more:
+# a = exp(-decay) is 1 once decay <= 2^-28 (half an ulp below 1 is 2^-25); 2 a - 1 is -1 once
+# decay >= 20 (a <= 2e-9 < 2^-26); a is 0 once decay >= 110 (exp underflows below -103.3).
+SATURATED_LOG_DECAY = {
+    "signed": (-28 * math.log(2), math.log(20.0)),
+    "positive": (-28 * math.log(2), math.log(110.0)),
+}
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,9 +107,16 @@ def linear_scan_inplace_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | No
 class LinearRNNLayer(nn.Module):
     """One gated diagonal linear recurrence: ``input -> (outputs, all states)``."""
 
-    def __init__(self, input_size: int, hidden_size: int, signed: bool, residual: bool) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        signed: bool,
+        residual: bool,
+        input_bias: bool = True,
+    ) -> None:
         super().__init__()
-        self.signed, self.residual = signed, residual
+        self.signed, self.residual, self.input_bias = signed, residual, input_bias
         self.in_proj = nn.Linear(input_size, 3 * hidden_size)  # dt, b, gate
         self.A_log = nn.Parameter(torch.log(torch.arange(1, hidden_size + 1, dtype=torch.float)))
         self.out_proj = nn.Linear(hidden_size, hidden_size)
@@ -109,28 +124,34 @@ class LinearRNNLayer(nn.Module):
         dt = torch.exp(torch.empty(hidden_size).uniform_(math.log(1e-3), math.log(1e-1)))
         with torch.no_grad():
             self.in_proj.bias[:hidden_size] = dt + torch.log(-torch.expm1(-dt))  # softplus^-1
+            if not input_bias:  # b = W_b x: b(0) is exactly 0 on a 0 bit (never read, kept 0)
+                self.in_proj.bias[hidden_size : 2 * hidden_size] = 0.0
+
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``dt``, ``b`` and the gate at every position, from the layer's input alone."""
+        # one matmul per part: elementwise kernels on slices of one wide output are much slower
+        dt_b, b_b, gate_b = self.in_proj.bias.chunk(3)
+        biases = (dt_b, b_b if self.input_bias else None, gate_b)
+        return tuple(  # type: ignore[return-value]
+            F.linear(x, weight, bias)
+            for weight, bias in zip(self.in_proj.weight.chunk(3), biases, strict=True)
+        )
 
     def transition(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``a``, ``b`` and the gate at every position, from the layer's input alone."""
-        # one matmul per part: elementwise kernels on slices of one wide output are much slower
-        dt, b, gate = (
-            F.linear(x, weight, bias)
-            for weight, bias in zip(
-                self.in_proj.weight.chunk(3), self.in_proj.bias.chunk(3), strict=True
-            )
-        )
+        dt, b, gate = self.projections(x)
         a = torch.exp(-F.softplus(dt) * self.A_log.exp())
         return (2 * a - 1 if self.signed else a), b, gate
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """``log(softplus(dt) exp(A_log))`` at every position: ``a = exp(-exp(log_decay))``."""
+        dt = self.projections(x)[0].clamp(min=-80.0)  # softplus(-80) is still a normal float32
+        return F.softplus(dt).log() + self.A_log
 
     def infer(self, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` without gradients, time on dim 0: ``(outputs, last state)``. In place
         wherever the training path allocates, with the same operations, so the same values."""
-        dt, b, gate = (
-            F.linear(x, weight, bias)
-            for weight, bias in zip(
-                self.in_proj.weight.chunk(3), self.in_proj.bias.chunk(3), strict=True
-            )
-        )
+        dt, b, gate = self.projections(x)
         a = F.softplus(dt).mul_(-self.A_log.exp()).exp_()
         if self.signed:
             a.mul_(2).sub_(1)
@@ -160,6 +181,7 @@ class TransitionStack(nn.Module):
         num_layers: int = 1,
         batch_first: bool = True,
         eigenvalues: str = "positive",
+        **layer_options: Any,
     ) -> None:
         super().__init__()
         if not batch_first:
@@ -172,7 +194,11 @@ class TransitionStack(nn.Module):
         self.eigenvalues = eigenvalues
         self.layers = nn.ModuleList(
             self.layer_type(
-                input_size if i == 0 else hidden_size, hidden_size, eigenvalues == "signed", i > 0
+                input_size if i == 0 else hidden_size,
+                hidden_size,
+                eigenvalues == "signed",
+                i > 0,
+                **layer_options,
             )
             for i in range(num_layers)
         )
@@ -186,6 +212,43 @@ class LinearRNN(TransitionStack):
     """
 
     layer_type = LinearRNNLayer
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        batch_first: bool = True,
+        eigenvalues: str = "positive",
+        input_bias: bool = True,
+    ) -> None:
+        """``input_bias=False``: ``b = W_b x`` without a bias, so a 0 bit adds exactly nothing."""
+        super().__init__(
+            input_size, hidden_size, num_layers, batch_first, eigenvalues, input_bias=input_bias
+        )
+
+    def saturation(self, x: torch.Tensor) -> torch.Tensor:
+        """How far each transition is from the float32 end it leans to, in [0, 1] at every
+        position and unit, ``(batch, time, num_layers * hidden_size)``. A transition above its
+        midpoint (``a = 1/2``, which is 0 when signed) leans to 1, a unit that holds; below it,
+        to -1 (signed, a unit that flips) or 0 (positive, a unit that resets). It is 0 once the
+        transition is exactly there, which is what lets a proof of exactness close
+        (docs/certify.md). Measured on ``log(decay)``, ``a = exp(-decay)``, whose gradient does
+        not vanish as ``a`` saturates, as that of ``1 - a^2`` would."""
+        hold, end = SATURATED_LOG_DECAY[self.eigenvalues]
+        middle = math.log(math.log(2.0))  # a = exp(-decay) = 1/2
+        parts = []
+        for layer in self.layers:
+            log_decay = layer.log_decay(x)
+            parts.append(
+                torch.where(
+                    log_decay <= middle,
+                    (log_decay - hold).clamp(min=0) / (middle - hold),
+                    (end - log_decay).clamp(min=0) / (end - middle),
+                )
+            )
+            x, _ = layer(x, None)
+        return torch.cat(parts, dim=-1)
 
     @property
     def eval_chunk_len(self) -> int:
