@@ -86,7 +86,7 @@ import torch
 from torch import nn
 
 from parity_lab.data import encode
-from parity_lab.models import ManualGRU, ManualLSTM, ManualRNN, ParityRNN
+from parity_lab.models import LinearRNN, ManualGRU, ManualLSTM, ManualRNN, ParityRNN
 from parity_lab.worst_case import first_wrong_structured, worst_case
 
 U = 2.0**-24  # float32 unit roundoff
@@ -319,7 +319,7 @@ def interval_cell(model: ParityRNN) -> IntervalCell | str:
     if kind is None:
         return (
             f"{type(core).__name__} is not covered: the certificate handles the classic cells "
-            "(rnn, lstm, gru and their manual twins) only"
+            "(rnn, lstm, gru and their manual twins) and the one-layer linear RNN only"
         )
     if getattr(core, "proj_size", 0) or getattr(core, "bidirectional", False):
         return f"{type(core).__name__} with a projection or both directions is not covered"
@@ -535,6 +535,21 @@ def certify(
                 counterexample=wrong[1],
                 seconds=time.perf_counter() - start,
                 note=f"wrong on a worst-case string of {wrong[0]} bits",
+            )
+        if isinstance(model.rnn, LinearRNN):  # a direct proof, parity_lab.certify_linear
+            from parity_lab.certify_linear import linear_proof
+
+            proof = linear_proof(model, encoding)
+            seconds = time.perf_counter() - start
+            if isinstance(proof, str):
+                return Certificate(None, seconds=seconds, note=proof)
+            if proof.holds:
+                return Certificate(True, boxes=4, seconds=seconds, note=proof.describe())
+            return Certificate(
+                None,
+                seconds=seconds,
+                note="the bounds of the contracting units do not keep the logit on the right "
+                f"side ({proof.describe()}), and no string was found wrong",
             )
         cell = interval_cell(model)
         if isinstance(cell, str):
