@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from parity_lab.certify import TINY, U, Box, affine, rounded_sum
+from parity_lab.certify import TINY, Box, U, affine, rounded_sum
 from parity_lab.models import LinearRNN, ParityRNN
 
 MARGIN = 1 + 2.0**-40  # float64 bookkeeping of the bounds
@@ -70,9 +70,7 @@ class LinearProof:
         units = ", ".join(str(i) for i in self.parity_units)
         rest = len(self.radius) - len(self.parity_units)
         bound = f"; {rest} contracting, |h| <= {self.radius.max():.3g}" if rest else ""
-        margin = min(
-            lo if parity == 1 else -hi for (parity, _), (lo, hi) in self.logits.items()
-        )
+        margin = min(lo if parity == 1 else -hi for (parity, _), (lo, hi) in self.logits.items())
         return f"4 boxes: parity unit {units}{bound}; logit margin {margin:.3g}"
 
 

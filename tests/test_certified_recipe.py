@@ -93,8 +93,8 @@ def test_the_penalty_is_weight_times_mean_one_minus_h_squared_from_its_start_ste
         (["saturation.start_step=-1"], r"^saturation.start_step=-1 is invalid"),
         (["data.density=dense"], r"^data.density='dense' is invalid: allowed values are"),
         (
-            ["saturation.weight=0.1", "model=linear_rnn_signed"],
-            r"^saturation.weight=0.1 with model.rnn._target_=.*LinearRNN' is invalid",
+            ["saturation.weight=0.1", "model=deltanet_signed"],
+            r"^saturation.weight=0.1 with model.rnn._target_=.*DeltaNet' is invalid",
         ),
         (
             ["saturation.weight=0.1", "+model.rnn.nonlinearity=relu"],

@@ -259,9 +259,9 @@ def test_verify_reads_out_every_box_but_the_start_box() -> None:
 
 
 def test_uncovered_cores_are_undecided_not_proven() -> None:
-    from parity_lab.models import LinearRNN
+    from parity_lab.models import DeltaNet
 
-    verdict = certify(ParityRNN(LinearRNN, input_size=1, hidden_size=2), probe_len=0)
+    verdict = certify(ParityRNN(DeltaNet, input_size=1, hidden_size=2), probe_len=0)
     assert verdict.certified is None and "not covered" in verdict.note
 
 
