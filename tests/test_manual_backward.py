@@ -204,13 +204,13 @@ def test_kernel_builds_are_keyed_by_their_source(monkeypatch, tmp_path) -> None:
 def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("PARITY_LAB_CACHE", str(tmp_path))
-    native.load.cache_clear()
+    native.kernel.cache_clear()
     try:
         with pytest.warns(UserWarning, match="could not build the C kernel lstm.c"):
             outputs, _ = ManualLSTM(1, 7)(torch.zeros(2, 3, 1))
         assert outputs.shape == (2, 3, 7)
     finally:
-        native.load.cache_clear()
+        native.kernel.cache_clear()
 
 
 @pytest.mark.parametrize(("step_only", "builtin"), [(StepOnlyLSTM, torch.nn.LSTM)])

@@ -12,6 +12,8 @@ torch backend).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -19,9 +21,12 @@ from torch.nn import functional as F
 
 from parity_lab.models.deltanet_published import DeltaNetPublished, delta_rule_steps, mlp_size
 from parity_lab.models.xlstm_published import (
+    FusedSLSTM,
     MLSTMPublished,
+    SLSTMBlock,
     SLSTMPublished,
     mlstm_parallel,
+    slstm_library,
 )
 
 torch.set_default_dtype(torch.float32)
@@ -329,6 +334,70 @@ def test_xlstm_blocks_equal_the_package_in_outputs_and_gradients(kind: str, conv
     theirs = as_ours({n: p.grad for n, p in ref.named_parameters()}, blocks)
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, theirs[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_the_slstm_kernel_equals_the_pytorch_recurrence(fresh: bool) -> None:
+    """``kernels/slstm.c`` against ``SLSTMBlock.recurrence`` in float64 (autograd's gradients,
+    torch.maximum's and torch.minimum's half shares on ties included: on a fresh state's first
+    step, and wherever the input gate sets the stabiliser, i = exp(0) = 1 ties with 1). Outputs,
+    final state and the gradients of the gate inputs, R and the initial state."""
+    if slstm_library(16) is None:
+        pytest.skip("no C compiler")
+    generator = torch.Generator().manual_seed(5)
+    steps, batch, size = 23, 5, 16
+    inputs = [
+        2 * torch.randn(steps, batch, 4 * size, generator=generator),
+        0.3 * torch.randn(size, 4 * size, generator=generator),
+    ]
+    if fresh:
+        inputs += [torch.zeros(batch, size) for _ in range(4)]
+    else:  # a carried state: y, c, n > 0, m
+        y, c, n, m = torch.randn(4, batch, size, generator=generator)
+        inputs += [y, c, n.abs() + 0.5, m]
+    shapes = [(steps, batch, size)] + [(batch, size)] * 4  # the outputs and the final state
+    probes = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    results = []
+    for dtype in (torch.float32, torch.float64):  # the kernel runs float32 only
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        if dtype == torch.float32:
+            out = FusedSLSTM.apply(*leaves, fresh)
+        else:
+            outputs, state = SLSTMBlock.recurrence(leaves[0], leaves[1], tuple(leaves[2:]), fresh)
+            out = (outputs, *state)
+        sum((o * p.to(dtype)).sum() for o, p in zip(out, probes, strict=True)).backward()
+        results.append(([o.double() for o in out], [t.grad.double() for t in leaves]))
+    (out, grads), (out_ref, grads_ref) = results
+    for ours, ref in zip(out + grads, out_ref + grads_ref, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_slstm_stack_runs_the_kernel_in_float32_and_streams_with_it() -> None:
+    """The published sLSTM in float32 (the kernel) against float64 (the PyTorch loop), a whole
+    string and in two chunks with the state carried: outputs and every parameter's gradient."""
+    if slstm_library(16) is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    model = SLSTMPublished(2, 16, 2, num_heads=4, conv_size=4)
+    randomise(model, 0)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(3, 29, 2, generator=torch.Generator().manual_seed(6))
+    results = []
+    for net in (model, reference):
+        inputs = x.to(next(net.parameters()).dtype)
+        whole, _ = net(inputs)
+        first, state = net(inputs[:, :11])
+        second, _ = net(inputs[:, 11:], state)
+        torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-5, atol=1e-5)
+        net.zero_grad()
+        (
+            whole * torch.linspace(-1, 1, whole.numel()).view_as(whole).to(whole.dtype)
+        ).sum().backward()
+        results.append((whole.double(), {n: p.grad.double() for n, p in net.named_parameters()}))
+    (out, grads), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize(("kind", "conv"), XLSTM_CASES)

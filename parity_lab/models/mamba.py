@@ -33,10 +33,7 @@ transitions. The state carried between chunks is, per layer, the last
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
-import subprocess
-import warnings
 
 import torch
 from torch import nn
@@ -50,39 +47,23 @@ from parity_lab.models.linear_rnn import PIECE, linear_scan
 LayerState = tuple[torch.Tensor, torch.Tensor]
 
 
-@functools.cache
 def scan_library(d_state: int) -> ctypes.CDLL | None:
     """The selective-scan kernel for ``d_state`` states, or None (with a warning) without one."""
-    if not native.enabled():
-        return None
-    try:
-        library = ctypes.CDLL(str(native.build("selective_scan", d_state)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        warnings.warn(
-            f"parity_lab: could not build the C kernel selective_scan.c, Mamba's scan runs in "
-            f"PyTorch (slower, same results): {error}",
-            stacklevel=2,
-        )
-        return None
-    size, address = ctypes.c_long, ctypes.c_void_p
-    library.scan_forward.argtypes = [size, size, size, ctypes.c_int] + [address] * 9
-    library.scan_forward.restype = ctypes.c_int
-    library.scan_backward.argtypes = [size, size, size, ctypes.c_int] + [address] * 16
-    library.scan_backward.restype = ctypes.c_int
-    return library
+    head = (native.SIZE,) * 3 + (native.INT,)
+    return native.kernel(
+        "selective_scan",
+        d_state,
+        "Mamba's scan",
+        (
+            ("scan_forward", head + (native.ADDRESS,) * 9, native.INT),
+            ("scan_backward", head + (native.ADDRESS,) * 16, native.INT),
+        ),
+    )
 
 
 def kernel_applies(*tensors: torch.Tensor) -> bool:
     """Whether the scan kernel can run these tensors (CPU float32, not being traced)."""
-    return (
-        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-        and not torch.compiler.is_compiling()
-        and scan_library(tensors[-1].shape[-1]) is not None
-    )
-
-
-def _address(tensor: torch.Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
+    return native.runs_on_cpu_float32(*tensors) and scan_library(tensors[-1].shape[-1]) is not None
 
 
 class SelectiveScan(torch.autograd.Function):
@@ -106,7 +87,11 @@ class SelectiveScan(torch.autograd.Function):
         rows, steps, inner = u.shape
         y, h_last = u.new_empty(rows, steps, inner), torch.empty_like(h0)
         status = scan_library(A.shape[0]).scan_forward(
-            rows, steps, inner, int(signed), *map(_address, (dt, u, B, C, A, D, h0, y, h_last))
+            rows,
+            steps,
+            inner,
+            int(signed),
+            *map(native.pointer, (dt, u, B, C, A, D, h0, y, h_last)),
         )
         if status:
             raise MemoryError("selective_scan.c: no memory for the forward's buffer")
@@ -126,8 +111,8 @@ class SelectiveScan(torch.autograd.Function):
         g_B, g_C, g_A, g_D = (torch.zeros_like(t) for t in (B, C, A, D))
         status = scan_library(A.shape[0]).scan_backward(
             rows, steps, inner, int(ctx.signed),
-            *map(_address, (dt, u, B, C, A, D, h0, g_y, g_h_last, g_dt, g_u, g_B, g_C, g_A, g_D,
-                            g_h0)),
+            *map(native.pointer, (dt, u, B, C, A, D, h0, g_y, g_h_last, g_dt, g_u, g_B, g_C, g_A,
+                                  g_D, g_h0)),
         )  # fmt: skip
         if status:
             raise MemoryError("selective_scan.c: no memory for the backward's buffer")

@@ -106,26 +106,52 @@ def build(name: str, hidden: int) -> Path:
     raise RuntimeError("; ".join(errors))
 
 
+Signature = tuple[str, tuple[Any, ...], Any]  # a C function's name, argument types, return type
+SIZE, INT, ADDRESS = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+
+
 @functools.cache
-def load(name: str, hidden: int) -> ctypes.CDLL | None:
-    """The kernel library for one hidden size, or None (with a warning) when it cannot be built."""
+def kernel(name: str, size: int, purpose: str, signatures: tuple[Signature, ...]) -> Any:
+    """``kernels/<name>.c`` built for ``size`` (a ``ctypes.CDLL`` with ``signatures`` set), or
+    None, with one warning naming ``purpose`` (what then runs in PyTorch), when it cannot be built
+    or ``PARITY_LAB_NATIVE=0``."""
     if not enabled():
         return None
     try:
-        library = ctypes.CDLL(str(build(name, hidden)))
-        library.lstm_forward, library.lstm_backward  # noqa: B018  (both symbols are there)
+        library = ctypes.CDLL(str(build(name, size)))
+        for function, argtypes, restype in signatures:
+            getattr(library, function).argtypes = list(argtypes)
+            getattr(library, function).restype = restype
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
         warnings.warn(
-            f"parity_lab: could not build the C kernel {name}.c, the hand-written cells run in "
-            f"PyTorch (slower, same results): {error}",
+            f"parity_lab: could not build the C kernel {name}.c, {purpose} runs in PyTorch "
+            f"(slower, same results): {error}",
             stacklevel=2,
         )
         return None
-    size, address = ctypes.c_long, ctypes.c_void_p
-    library.lstm_forward.argtypes = [size, size, address, size, size] + [address] * 6
-    library.lstm_backward.argtypes = [size, size] + [address] * 5 + [size, size] + [address] * 3
-    library.lstm_forward.restype = library.lstm_backward.restype = None
     return library
+
+
+def load(name: str, hidden: int) -> Any:
+    """The LSTM kernel library for one hidden size, or None (with a warning)."""
+    head = (SIZE, SIZE)
+    return kernel(
+        name,
+        hidden,
+        "the hand-written cells",
+        (
+            ("lstm_forward", (*head, ADDRESS, SIZE, SIZE) + (ADDRESS,) * 6, None),
+            ("lstm_backward", head + (ADDRESS,) * 5 + (SIZE, SIZE) + (ADDRESS,) * 3, None),
+        ),
+    )
+
+
+def runs_on_cpu_float32(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel could run these tensors: CPU float32, not being traced."""
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def pointer(tensor: torch.Tensor | None) -> int | None:
@@ -134,11 +160,7 @@ def pointer(tensor: torch.Tensor | None) -> int | None:
 
 def lstm_applies(x_proj: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether the LSTM kernel can run these tensors (CPU float32, not being traced)."""
-    return (
-        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x_proj, *tensors))
-        and not torch.compiler.is_compiling()
-        and load("lstm", x_proj.shape[-1] // 4) is not None
-    )
+    return runs_on_cpu_float32(x_proj, *tensors) and load("lstm", x_proj.shape[-1] // 4) is not None
 
 
 def lstm_inference(

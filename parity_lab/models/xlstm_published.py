@@ -58,10 +58,13 @@ or ``f_t`` is 1.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from parity_lab.models import native
 
 LN_EPS = 1e-5  # xLSTM's LayerNorm and MultiHeadLayerNorm
 MLSTM_EPS = 1e-6  # added to the mLSTM's normaliser
@@ -156,6 +159,62 @@ class FeedForward(nn.Module):
         return self.proj_down(F.gelu(gate) * up)
 
 
+def slstm_library(size: int) -> Any:
+    """The sLSTM recurrence kernel (``kernels/slstm.c``) for blocks of ``size``, or None."""
+    return native.kernel(
+        "slstm",
+        size,
+        "the sLSTM's recurrence",
+        (
+            ("slstm_forward", (native.SIZE, native.SIZE, native.INT) + (native.ADDRESS,) * 7, None),
+            (
+                "slstm_backward",
+                (native.SIZE, native.SIZE, native.INT) + (native.ADDRESS,) * 12,
+                None,
+            ),
+        ),
+    )
+
+
+class FusedSLSTM(torch.autograd.Function):
+    """``apply(gates_x, r_t, y, c, n, m, fresh) -> (outputs, y, c, n, m)``: every step of the
+    sLSTM cell through ``kernels/slstm.c``, the same arithmetic as ``SLSTMBlock.recurrence``,
+    gradients included. ``gates_x`` (T,B,4D), ``r_t`` (D,4D), the state (B,D) each; ``outputs``
+    (T,B,D) and the final state."""
+
+    @staticmethod
+    def forward(ctx: Any, gates_x, r_t, y0, c0, n0, m0, fresh):  # type: ignore[override]
+        steps, batch, gates = gates_x.shape
+        size = gates // 4
+        gates_x, r_t = gates_x.contiguous(), r_t.contiguous()
+        y, c, n, m = (gates_x.new_empty(steps + 1, batch, size) for _ in range(4))
+        y[0], c[0], n[0], m[0] = y0, c0, n0, m0
+        raw = gates_x.new_empty(steps, batch, gates)
+        slstm_library(size).slstm_forward(
+            steps, batch, int(fresh), *map(native.pointer, (gates_x, r_t, y, c, n, m, raw))
+        )
+        ctx.save_for_backward(r_t, y, c, n, m, raw)
+        ctx.fresh = fresh
+        return y[1:], y[steps].clone(), c[steps].clone(), n[steps].clone(), m[steps].clone()
+
+    @staticmethod
+    def backward(ctx: Any, d_out, d_y, d_c, d_n, d_m):  # type: ignore[override]
+        r_t, y, c, n, m, raw = ctx.saved_tensors
+        steps, batch, gates = raw.shape
+        d_out = torch.zeros_like(y[1:]) if d_out is None else d_out.contiguous()
+        d_state = [
+            torch.zeros_like(y[0]) if d is None else d.contiguous().clone()
+            for d in (d_y, d_c, d_n, d_m)
+        ]
+        d_raw = torch.empty_like(raw)
+        slstm_library(gates // 4).slstm_backward(
+            steps, batch, int(ctx.fresh),
+            *map(native.pointer, (r_t, c, n, m, y, raw, d_out, d_raw, *d_state)),
+        )  # fmt: skip
+        d_r_t = y[:-1].flatten(0, 1).t().mm(d_raw.flatten(0, 1))
+        return d_raw, d_r_t, *d_state, None
+
+
 class SLSTMBlock(nn.Module):
     """One published sLSTM block: ``x, (y, c, n, m, cache) -> x', state'`` (module doc)."""
 
@@ -210,6 +269,24 @@ class SLSTMBlock(nn.Module):
         gates_x, cache = self.gate_inputs(layer_norm(x, self.xlstm_norm), cache)
         recurrent = self.recurrent_matrix().t()
         fresh = bool(torch.all(n == 0))
+        if native.runs_on_cpu_float32(gates_x, recurrent) and slstm_library(self.size):
+            outputs, y, c, n, m = FusedSLSTM.apply(gates_x, recurrent, y, c, n, m, fresh)
+        else:
+            outputs, (y, c, n, m) = self.recurrence(gates_x, recurrent, (y, c, n, m), fresh)
+        x = x + head_norm(outputs.transpose(0, 1), self.group_norm, self.num_heads)
+        return x + self.ffn(layer_norm(x, self.ffn_norm)), (y, c, n, m, cache)
+
+    @staticmethod
+    def recurrence(
+        gates_x: torch.Tensor,
+        recurrent: torch.Tensor,
+        state: tuple[torch.Tensor, ...],
+        fresh: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The cell's steps in PyTorch (the reference of ``kernels/slstm.c``): ``gates_x``
+        (T,B,4D), ``recurrent`` ``R^T`` (D,4D), ``state`` ``(y, c, n, m)``; returns the outputs
+        (T,B,D) and the final state."""
+        y, c, n, m = state
         outputs = []
         for gates_t in gates_x:
             raw = torch.addmm(gates_t, y, recurrent)
@@ -225,9 +302,7 @@ class SLSTMBlock(nn.Module):
             y = torch.sigmoid(o_raw) * c / n
             m = m_new
             outputs.append(y)
-        hidden = torch.stack(outputs, dim=1)
-        x = x + head_norm(hidden, self.group_norm, self.num_heads)
-        return x + self.ffn(layer_norm(x, self.ffn_norm)), (y, c, n, m, cache)
+        return torch.stack(outputs), (y, c, n, m)
 
 
 def mlstm_parallel(
