@@ -156,8 +156,9 @@ def validate(cfg: DictConfig, for_training: bool = True) -> None:
                 f"model.num_heads={cfg.model.num_heads} is invalid: expected a divisor of "
                 f"model.hidden_size={cfg.model.hidden_size}"
             )
-    if "conv_size" in cfg.model:  # the published DeltaNet and mLSTM's short convolution
-        _int(cfg, "model.conv_size", 1)
+    if "conv_size" in cfg.model:  # the published blocks' short convolution (the sLSTM's optional)
+        optional_conv = cfg.model.rnn._target_.endswith(".SLSTMPublished")
+        _int(cfg, "model.conv_size", 0 if optional_conv else 1)
     saturation = OmegaConf.select(cfg, "saturation.weight", default=0.0)
     if (
         isinstance(saturation, bool)

@@ -477,6 +477,26 @@ def test_a_bad_conv_size_is_one_config_error(model: str) -> None:
         validate(compose_config(f"model={model}", "model.conv_size=0"))
 
 
+def test_the_slstm_takes_the_nx_ai_shape_its_yaml_names() -> None:
+    """``conf/model/xlstm_slstm.yaml`` names NX-AI's parity shape as overrides; they compose,
+    validate and build (conv 0, the single-layer runs', is allowed; a negative size is not)."""
+    from hydra.utils import instantiate
+
+    from parity_lab.config import ConfigError, validate
+    from tests.conftest import compose_config
+
+    shape = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=1"]
+    cfg = compose_config("model=xlstm_slstm", *shape, "model.conv_size=4")
+    validate(cfg)
+    core = instantiate(cfg.model).rnn
+    assert (core.hidden_size, core.num_layers, core.num_heads, core.conv_size) == (64, 2, 1, 4)
+    validate(compose_config("model=xlstm_slstm"))  # conv_size 0
+    with pytest.raises(
+        ConfigError, match=r"model.conv_size=-1 is invalid: expected an integer >= 0"
+    ):
+        validate(compose_config("model=xlstm_slstm", "model.conv_size=-1"))
+
+
 def test_the_mlstm_read_at_the_answer_is_that_row_of_the_parallel_form() -> None:
     """``mlstm_parallel`` with ``answers`` (training under the published loss) gives the full
     parallel form's ``h~`` at each string's answer, also from a carried memory, a stabiliser
