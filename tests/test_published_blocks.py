@@ -19,7 +19,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from parity_lab.models.deltanet_published import DeltaNetPublished, delta_rule_steps, mlp_size
+from parity_lab.models.deltanet_published import (
+    DeltaNetPublished,
+    delta_library,
+    delta_rule_steps,
+    mlp_size,
+)
 from parity_lab.models.xlstm_published import (
     FusedSLSTM,
     MLSTMPublished,
@@ -188,6 +193,32 @@ def test_delta_rule_backward_equals_autograd_through_the_reference_loop() -> Non
     torch.autograd.gradcheck(
         lambda *a: delta_rule_steps(*a), (*inputs, state0.detach().requires_grad_()), atol=1e-8
     )
+
+
+@pytest.mark.parametrize("carried", [False, True])
+def test_the_delta_rule_kernel_equals_the_pytorch_loops(carried: bool) -> None:
+    """``kernels/delta_rule.c`` (float32) against DeltaRule's PyTorch loops (float64): outputs,
+    last state and the gradients of q, k, v, beta and the initial state (zero, or carried from
+    an earlier chunk), with a gradient flowing in through the last state too."""
+    if delta_library(4) is None:
+        pytest.skip("no C compiler")
+    generator = torch.Generator().manual_seed(7)
+    shape = (3, 2, 17, 4)
+    q, v = (torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(2))
+    k = F.normalize(torch.randn(shape, generator=generator, dtype=torch.float64), dim=-1)
+    beta = 2 * torch.rand(shape[:3], generator=generator, dtype=torch.float64)
+    state = torch.randn(3, 2, 4, 4, generator=generator, dtype=torch.float64) * carried
+    probe_out = torch.randn(shape, generator=generator, dtype=torch.float64)
+    probe_state = torch.randn(3, 2, 4, 4, generator=generator, dtype=torch.float64)
+    results = []
+    for dtype in (torch.float32, torch.float64):  # the kernel runs float32 only
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, beta, state)]
+        outputs, last = delta_rule_steps(*leaves)
+        loss = (outputs * probe_out.to(dtype)).sum() + (last * probe_state.to(dtype)).sum()
+        loss.backward()
+        results.append([t.detach().double() for t in (outputs, last)] + [t.grad for t in leaves])
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_deltanet_init_is_the_published_one() -> None:

@@ -37,12 +37,14 @@ the token embedding and the head belong to the wrapper; an input of another widt
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from parity_lab import EIGENVALUES
+from parity_lab.models import native
 
 NORM_EPS = 1e-6  # their DeltaNetConfig.norm_eps, used by every RMSNorm of the model
 L2_EPS = 1e-6  # their l2 norm of q and k
@@ -72,6 +74,24 @@ def conv_projection(
     return window @ folded.t(), full[:, full.shape[1] - (kernel - 1) :]
 
 
+def delta_library(d_k: int) -> Any:
+    """The delta-rule kernel (``kernels/delta_rule.c``), or None (with a warning) without one."""
+    head = (native.SIZE,) * 4
+    return native.kernel(
+        "delta_rule",
+        d_k,
+        "the delta rule",
+        (
+            ("delta_forward", head + (native.ADDRESS,) * 7, None),
+            ("delta_backward", head + (native.ADDRESS,) * 12, None),
+        ),
+    )
+
+
+def kernel_applies(*tensors: torch.Tensor) -> bool:
+    return native.runs_on_cpu_float32(*tensors) and delta_library(tensors[0].shape[1]) is not None
+
+
 class DeltaRule(torch.autograd.Function):
     """The delta-rule recurrence, one step at a time, with a hand-written backward.
 
@@ -81,13 +101,28 @@ class DeltaRule(torch.autograd.Function):
     ``S_t = S_{t-1} + k_t (beta_t e_t)^T``; then ``o_t = S_t^T q_t`` for all steps at once.
     Backward runs the adjoint recurrence on ``G_t = dL/dS_t``: ``G_t = G_{t+1} - k_{t+1}
     dv_{t+1}^T + q_t do_t^T``, ``dw_t = G_t^T k_t``, ``dv_t = beta_t dw_t``, ``dk_t = G_t w_t -
-    S_{t-1} dv_t`` (``w_t = beta_t e_t``), ``dbeta_t = dw_t . e_t``, ``dq_t = S_t do_t``. Four
+    S_{t-1} dv_t`` (``w_t = beta_t e_t``), ``dbeta_t = dw_t . e_t``, ``dq_t = S_t do_t``.
+
+    On a CPU in float32 both directions run in ``kernels/delta_rule.c``, one call each; the
+    PyTorch loops here are its reference (float64, a GPU, no C compiler). In PyTorch: four
     elementwise operations per step each way; autograd through the loop records about three
     times as many, and batched 4x4 matmuls cost 5-10 times an elementwise pass.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, beta, state):  # type: ignore[override]
+        if kernel_applies(q, k, v, beta, state):
+            q, k, v, beta = (t.contiguous() for t in (q, k, v, beta))
+            steps, size_k, n = k.shape
+            all_states = state.new_empty(steps + 1, *state.shape)
+            all_states[0] = state
+            errors, outputs = v.new_empty(v.shape), v.new_empty(v.shape)
+            delta_library(size_k).delta_forward(
+                steps, size_k, v.shape[1], n,
+                *map(native.pointer, (q, k, v, beta, all_states, errors, outputs)),
+            )  # fmt: skip
+            ctx.save_for_backward(q, k, beta, all_states, errors)
+            return outputs, all_states[steps].clone()
         states, errors = [state], []
         for k_t, v_t, beta_t in zip(k, v, beta, strict=True):
             error = v_t - (state * k_t.unsqueeze(1)).sum(0)
@@ -101,6 +136,21 @@ class DeltaRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_outputs, d_state):  # type: ignore[override]
         q, k, beta, all_states, error = ctx.saved_tensors
+        if kernel_applies(q, k, beta, all_states, error):
+            steps, size_k, n = k.shape
+            size_v = error.shape[1]
+            grad = torch.zeros_like(all_states[0]) if d_state is None else d_state.clone()
+            grad = grad.contiguous()
+            d_outputs = torch.zeros_like(error) if d_outputs is None else d_outputs.contiguous()
+            d_q, d_k = torch.empty_like(q), torch.empty_like(k)
+            d_v, d_beta = torch.empty_like(error), torch.empty_like(beta)
+            scratch = error.new_empty(size_v, n)
+            delta_library(size_k).delta_backward(
+                steps, size_k, size_v, n,
+                *map(native.pointer, (q, k, beta, all_states, error, d_outputs, grad, d_q, d_k,
+                                      d_v, d_beta, scratch)),
+            )  # fmt: skip
+            return d_q, d_k, d_v, d_beta, grad
         d_q = (all_states[1:] * d_outputs.unsqueeze(1)).sum(2)
         from_outputs = q.unsqueeze(2) * d_outputs.unsqueeze(1)  # q_t do_t^T
         grad = torch.zeros_like(all_states[0]) if d_state is None else d_state
