@@ -158,6 +158,13 @@ STORED_SWEEPS = {
         "seed": "range(5)",
         "experiment": ",".join(f"mamba_ablation_{step}" for step in range(1, 6)),
     },
+    "certified_linear": {
+        "experiment": "certified_linear",
+        "model.hidden_size": "1,4",
+        "model.input_bias": "false,true",
+        "saturation.weight": "0.1,0.0",
+        "seed": "range(5)",
+    },
 }
 
 
@@ -182,6 +189,7 @@ def test_stored_sweep_composes_every_job(name: str):
         "frontier": 35,
         "certified": 60,
         "mamba_ablation": 25,
+        "certified_linear": 40,
     }
     assert len(jobs) == sizes[name]
 
