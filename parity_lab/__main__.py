@@ -1,5 +1,6 @@
 """``python -m parity_lab [overrides]``: train one run, or a sweep with ``-m``."""
 
+import contextlib
 import logging
 import math
 import multiprocessing
@@ -9,8 +10,10 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +51,10 @@ def run_in_child(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # fork: the child inherits Hydra's state; the worker has not imported torch (run does).
-    child = multiprocessing.get_context("fork").Process(target=run, args=(cfg,))
+    child = multiprocessing.get_context("fork").Process(target=run_job, args=(cfg,))
     child.start()
-    child.join()
+    with sigterm_forwarded_to(child):
+        child.join()
     if child.exitcode is not None and child.exitcode < 0:
         killer = signal.Signals(-child.exitcode).name
         print(
@@ -62,6 +66,42 @@ def run_in_child(cfg: DictConfig) -> float:
         return float(read_metrics(run_dir / "metrics.json")["val/acc"])
     except (RunFileError, FileNotFoundError):
         return math.nan
+
+
+def run_job(cfg: DictConfig) -> float:
+    """``run`` in a job's forked child, with SIGTERM's default handler: the child inherits the
+    sweep's (``SweepSummary``), which would make it summarise the sweep, and Lightning installs
+    its own, the one that checkpoints the step a run stops at, only over the default."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return run(cfg)
+
+
+@contextlib.contextmanager
+def sigterm_forwarded_to(child: multiprocessing.process.BaseProcess) -> Iterator[None]:
+    """While the job's child runs: SIGTERM to this process (the sweep's own with ``n_jobs=1``,
+    else joblib's worker) is passed on to the child, which checkpoints and ends, and only then
+    handled here as before (the sweep's summary and exit 143, or the default). Else the
+    process would end and leave its job training, or wait for it, to the last step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers belong to the main thread
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def forward(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        if child.is_alive():
+            child.terminate()  # SIGTERM
+            child.join()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            os.kill(os.getpid(), signal.SIGTERM)  # the default: end as SIGTERM would have
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def requeued(run_dir: Path) -> bool:

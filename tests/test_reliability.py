@@ -568,5 +568,42 @@ def test_sigterm_to_a_joblib_sweep_leaves_a_summary_and_stops_its_jobs(tmp_path:
         assert time.monotonic() < deadline, "a job of the stopped sweep still writes its files"
 
 
+@pytest.mark.parametrize("whom", ["the sweep", "its process group"])
+def test_sigterm_to_a_one_worker_joblib_sweep_stops_it_and_its_job_checkpoints(
+    whom: str, tmp_path: Path
+) -> None:
+    """With ``n_jobs=1`` joblib runs the jobs in the sweep's own process (each in a forked child):
+    SIGTERM to that process, or to its whole group (``kill -- -PGID``, a closed terminal), ends
+    the sweep with its summary and exit 143, the running job keeps a checkpoint of the step it
+    stopped at, and no later job starts."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "parity_lab", "-m", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=1", f"hydra.sweep.dir={sweep}", "seed=0,1",
+        *FAST, *RESUMABLE, "trainer.max_steps=100000",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while not list(sweep.glob("0_*/checkpoints/*.ckpt")):
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    if whom == "the sweep":
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    stderr = stderr.decode()
+    assert process.returncode == 143, stderr[-3000:]
+    assert "job 0 stopped by SIGTERM at step " in stderr, stderr[-3000:]
+    assert not list(sweep.glob("1_*")), "the job after the stopped one started"
+    with (sweep / "summary.csv").open() as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["unfinished", "missing"]
+    step = checkpoint(next(sweep.glob("0_*")))["global_step"]
+    assert step % 20 != 0  # written at SIGTERM, not at a validation
+
+
 def file_times(directory: Path) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()}
