@@ -176,6 +176,12 @@ def eval_set(
     return make_batch(bits, lengths, encoding)
 
 
+def by_length(batch: ParityBatch) -> ParityBatch:
+    """The batch's strings in order of length (ties in their order)."""
+    order = torch.argsort(batch.lengths, stable=True)
+    return ParityBatch(*(t[order] for t in batch))
+
+
 def split(batch: ParityBatch, size: int) -> list[ParityBatch]:
     """Split a batch along the string axis into batches of at most ``size`` strings."""
     return [ParityBatch(*parts) for parts in zip(*(t.split(size) for t in batch), strict=True)]

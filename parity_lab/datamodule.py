@@ -9,7 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from parity_lab import ENCODING_SIZES
-from parity_lab.data import Curriculum, ParityBatch, ParityStream, eval_set, split
+from parity_lab.data import Curriculum, ParityBatch, ParityStream, by_length, eval_set, split
 
 
 class ParityDataModule(L.LightningDataModule):
@@ -92,8 +92,10 @@ class ParityDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None)
 
     def _eval_dataloaders(self) -> list[DataLoader]:
+        # Shortest strings first: each batch then spans few lengths, and evaluation reads each
+        # batch only to its longest string (``ParityModule._evaluate``).
         return [
-            DataLoader(split(batch, self.eval_batch_size), batch_size=None)
+            DataLoader(split(by_length(batch), self.eval_batch_size), batch_size=None)
             for batch in self.eval_sets().values()
         ]
 

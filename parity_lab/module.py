@@ -158,6 +158,9 @@ class ParityModule(L.LightningModule):
         return loss + self.saturation_weight * saturation
 
     def _evaluate(self, stage: str, batch: ParityBatch, dataloader_idx: int) -> None:
+        if self.model.readout == "last":  # causal: the padding after the longest string is unread
+            width = int(batch.lengths.max())
+            batch = ParityBatch(batch.x[:, :width], batch.lengths, batch.targets[:, :width])
         _, final, parity = self.predict_final(batch)
         metric = self.eval_acc[stage][dataloader_idx]
         metric.update(torch.sigmoid(final), parity)  # forward() would also compute per batch

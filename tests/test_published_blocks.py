@@ -141,7 +141,8 @@ def test_deltanet_equals_the_authors_model_in_outputs_and_gradients(
     randomise(ref, 0)
     ours = DeltaNetPublished(size, size, layers, eigenvalues=eigenvalues).double()
     copy_into(ours, ref)
-    x, probe = torch.randn(2, 3, 23, size, generator=torch.Generator().manual_seed(1)).double()
+    steps = DeltaNetPublished.eval_chunk_len + 9  # past one chunk: held to the whole string
+    x, probe = torch.randn(2, 3, steps, size, generator=torch.Generator().manual_seed(1)).double()
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ref = ref(x_ref)
     out_ours, _ = ours(x_ours)

@@ -187,3 +187,47 @@ def test_the_pool_is_uniform_over_its_lengths_and_its_own_set() -> None:
     lengths = datamodule.eval_sets()["pool"].lengths
     assert int(lengths.min()) == 39 and int(lengths.max()) == 255
     assert abs(lengths.float().mean().item() - 147) < 3  # uniform: mean (39 + 255) / 2
+
+
+@pytest.mark.parametrize("readout", ["last", "padded_end"])
+def test_evaluation_reads_each_batch_only_to_its_longest_string(readout: str) -> None:
+    """The evaluation sets are batched shortest first, and a causal readout reads a batch only
+    to its longest string: the pool's 39..255 bits cost about half of reading every batch to
+    255. The predictions are those of the whole padded batch; the padding bug's readout
+    (``padded_end``, which reads the padded end) still sees the whole width."""
+    datamodule = instantiate(
+        compose_config("experiment=state_tracking").data,
+        seed=0,
+        eval_lengths=[39],
+        num_val=64,
+        num_test=64,
+        pool={"num": 4096, "min_len": 39, "max_len": 255},
+        eval_batch_size=1024,
+    )
+    batches = list(datamodule.val_dataloader()[-1])
+    lengths = torch.cat([b.lengths for b in batches])
+    assert len(batches) == 4 and torch.equal(
+        lengths, datamodule.eval_sets()["pool"].lengths.sort()[0]
+    )
+    torch.manual_seed(0)
+    model = ParityRNN(torch.nn.LSTM, 2, 4, readout=readout)
+    module = ParityModule(model, F.binary_cross_entropy_with_logits, None, "final", ["pool"])
+    module.log = lambda *args, **kwargs: None
+    seen = []
+    forward = model.forward
+
+    def spy(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        logits = forward(x, lengths)
+        seen.append((x.shape[1], model.final_logits(logits, lengths)))
+        return logits
+
+    model.forward = spy
+    with torch.no_grad():
+        for batch in batches:
+            module._evaluate("val", batch, 0)
+            whole = model.final_logits(forward(batch.x, batch.lengths), batch.lengths)
+            width, final = seen[-1]
+            full = batch.x.shape[1]
+            assert width == (int(batch.lengths.max()) if readout == "last" else full)
+            torch.testing.assert_close(final, whole)
+    assert (seen[0][0] < 200) == (readout == "last")  # the shortest quarter: 39..93 bits
