@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -601,8 +602,8 @@ def test_sigterm_to_a_one_worker_joblib_sweep_stops_it_and_its_job_checkpoints(
     assert not list(sweep.glob("1_*")), "the job after the stopped one started"
     with (sweep / "summary.csv").open() as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["unfinished", "missing"]
-    step = checkpoint(next(sweep.glob("0_*")))["global_step"]
-    assert step % 20 != 0  # written at SIGTERM, not at a validation
+    stopped_at = int(re.search(r"job 0 stopped by SIGTERM at step (\d+)", stderr).group(1))
+    assert checkpoint(next(sweep.glob("0_*")))["global_step"] == stopped_at
 
 
 def file_times(directory: Path) -> dict[Path, int]:
