@@ -11,6 +11,22 @@ from torch import nn
 from parity_lab import HEADS, READOUTS
 
 
+def in_chunks(
+    forward: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]],
+    x: torch.Tensor,
+    state: Any,
+    size: int,
+) -> tuple[torch.Tensor, Any]:
+    """A core's ``forward(x, state) -> (outputs, state)`` over ``x`` (batch, time, ...) in chunks
+    of ``size`` positions, the state carried from each to the next: the whole string's outputs
+    and its final state, with each chunk's activations no larger than ``size`` positions."""
+    outputs = []
+    for chunk in x.split(size, dim=1):
+        out, state = forward(chunk, state)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), state
+
+
 class TokenHead(nn.Module):
     """The published 3-way head, ``scores = classes(h)`` over (pad, bit 0, bit 1), bias-free.
 

@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from parity_lab import EIGENVALUES
 from parity_lab.models import native
+from parity_lab.models.classifier import in_chunks
 
 NORM_EPS = 1e-6  # their DeltaNetConfig.norm_eps, used by every RMSNorm of the model
 L2_EPS = 1e-6  # their l2 norm of q and k
@@ -311,11 +312,7 @@ class DeltaNetPublished(nn.Module):
         outputs at those positions only, ``(batch, 1, hidden_size)``; the last block's MLP and
         the final norm, which work position by position, then run on those positions alone."""
         if answers is None and x.shape[1] > self.eval_chunk_len:
-            outputs = []
-            for chunk in x.split(self.eval_chunk_len, dim=1):
-                out, state = self(chunk, state)
-                outputs.append(out)
-            return torch.cat(outputs, dim=1), state
+            return in_chunks(self, x, state, self.eval_chunk_len)
         if self.embed is not None:
             x = self.embed(x)
         caches, memories = self.initial_state(x) if state is None else state

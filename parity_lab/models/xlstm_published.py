@@ -65,6 +65,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from parity_lab.models import native
+from parity_lab.models.classifier import in_chunks
 
 LN_EPS = 1e-5  # xLSTM's LayerNorm and MultiHeadLayerNorm
 MLSTM_EPS = 1e-6  # added to the mLSTM's normaliser
@@ -535,11 +536,7 @@ class MLSTMPublished(XLSTMStack):
         computed chunk by chunk (the answer-only path reads one row and needs no chunks)."""
         if answers is not None or x.shape[1] <= self.eval_chunk_len:
             return super().forward(x, state, answers)
-        outputs = []
-        for chunk in x.split(self.eval_chunk_len, dim=1):
-            out, state = super().forward(chunk, state)
-            outputs.append(out)
-        return torch.cat(outputs, dim=1), state
+        return in_chunks(super().forward, x, state, self.eval_chunk_len)
 
     def initial_state(self, x: torch.Tensor) -> MLSTMState:
         layers, batch, heads = self.num_layers, x.shape[0], self.num_heads
