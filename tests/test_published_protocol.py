@@ -4,6 +4,7 @@ optimizer groups and test pool, each checked against what the authors' code does
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -174,15 +175,21 @@ def test_a_run_reports_the_test_pool(tmp_path: Path) -> None:
     assert "pool" in (tmp_path / "metrics.json").read_text()
 
 
-def test_the_pool_is_uniform_over_its_lengths_and_its_own_set() -> None:
-    datamodule = instantiate(
+def published_datamodule() -> Any:
+    """The published protocol's data, with a pool of 4,096 strings of 39..255 bits."""
+    return instantiate(
         compose_config("experiment=state_tracking").data,
         seed=0,
         eval_lengths=[39],
         num_val=64,
         num_test=64,
         pool={"num": 4096, "min_len": 39, "max_len": 255},
+        eval_batch_size=1024,
     )
+
+
+def test_the_pool_is_uniform_over_its_lengths_and_its_own_set() -> None:
+    datamodule = published_datamodule()
     assert datamodule.eval_names == ["val", "len_39", "pool"]
     lengths = datamodule.eval_sets()["pool"].lengths
     assert int(lengths.min()) == 39 and int(lengths.max()) == 255
@@ -195,15 +202,7 @@ def test_evaluation_reads_each_batch_only_to_its_longest_string(readout: str) ->
     to its longest string: the pool's 39..255 bits cost about half of reading every batch to
     255. The predictions are those of the whole padded batch; the padding bug's readout
     (``padded_end``, which reads the padded end) still sees the whole width."""
-    datamodule = instantiate(
-        compose_config("experiment=state_tracking").data,
-        seed=0,
-        eval_lengths=[39],
-        num_val=64,
-        num_test=64,
-        pool={"num": 4096, "min_len": 39, "max_len": 255},
-        eval_batch_size=1024,
-    )
+    datamodule = published_datamodule()
     batches = list(datamodule.val_dataloader()[-1])
     lengths = torch.cat([b.lengths for b in batches])
     assert len(batches) == 4 and torch.equal(

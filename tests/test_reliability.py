@@ -548,17 +548,22 @@ def test_a_slurm_requeued_job_continues_from_its_checkpoint(make_config, tmp_pat
     assert without_timings(read_metrics(run_dir)) == without_timings(expected)
 
 
+def long_joblib_sweep(sweep: Path, n_jobs: int) -> list[str]:
+    """A joblib sweep of two resumable jobs (seeds 0, 1) too long to end before a signal."""
+    return [
+        sys.executable, "-m", "parity_lab", "-m", "hydra/launcher=joblib",
+        f"hydra.launcher.n_jobs={n_jobs}", f"hydra.sweep.dir={sweep}", "seed=0,1",
+        *FAST, *RESUMABLE, "trainer.max_steps=100000",
+    ]  # fmt: skip
+
+
 def test_sigterm_to_a_joblib_sweep_leaves_a_summary_and_stops_its_jobs(tmp_path: Path) -> None:
     """The sweep's own process gets SIGTERM while its jobs run in joblib's workers: it writes the
     summary (jobs cut short are unfinished) and exits 143, and no job trains on, orphaned
     (joblib ends its workers and their children)."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable, "-m", "parity_lab", "-m", "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "seed=0,1",
-        *FAST, *RESUMABLE, "trainer.max_steps=100000",
-    ]  # fmt: skip
+    command = long_joblib_sweep(sweep, n_jobs=2)
     process = start_and_signal(command, lambda: bool(list(sweep.glob("*/checkpoints/*.ckpt"))))
     stderr = process.stderr.read().decode()
     assert process.returncode == 143, stderr[-3000:]
@@ -579,11 +584,7 @@ def test_sigterm_to_a_one_worker_joblib_sweep_stops_it_and_its_job_checkpoints(
     stopped at, and no later job starts."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable, "-m", "parity_lab", "-m", "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=1", f"hydra.sweep.dir={sweep}", "seed=0,1",
-        *FAST, *RESUMABLE, "trainer.max_steps=100000",
-    ]  # fmt: skip
+    command = long_joblib_sweep(sweep, n_jobs=1)
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
