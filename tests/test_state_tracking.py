@@ -122,11 +122,15 @@ def test_report_adds_mean_and_best_scaled_accuracy(tmp_path: Path) -> None:
             "solved_step": None,
             "global_step": 10,
             "test/scaled_acc_mean": scaled,
+            "test/scaled_acc_pool": scaled / 2,
         }
         (job / "metrics.json").write_text(json.dumps(metrics))
     table = write_report(tmp_path)
     assert "scaled acc (mean over lengths)" in table and "best scaled acc" in table
     assert "| 0.400 ± 0.529 | 1.000 |" in table
+    # Table 3's figure, the pool's, per job in job order and as mean ± sample std
+    assert "| scaled acc on the pool, per job | pool: mean ± std |" in table
+    assert "| 0.100, 0.500, 0.000 | 0.200 ± 0.265 |" in table
 
 
 @pytest.mark.parametrize("only_solved", [False, True])
