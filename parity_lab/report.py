@@ -184,6 +184,17 @@ def fill_unset(jobs: list[Job]) -> None:
                 job.overrides[key] = recorded_value(job.dir, key)
 
 
+def drop_rerun(jobs: list[Job]) -> list[Job]:
+    """Jobs of several sweeps: one that did not finish in one sweep (stopped, or never started)
+    and ran ok in another, with the same overrides, counts once, as the run that finished."""
+    done = {tuple(sorted(job.overrides.items())) for job in jobs if job.status == "ok"}
+    return [
+        job
+        for job in jobs
+        if job.status == "ok" or tuple(sorted(job.overrides.items())) not in done
+    ]
+
+
 def collect_jobs(sweep_dir: Path) -> list[Job]:
     """Every job of the sweep: those with a directory, and planned ones without (``missing``)."""
     job_dirs = sorted({p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")})
@@ -527,6 +538,7 @@ def write_report(sweep_dir: Path | str, sources: list[Path] | None = None) -> st
     sweep_dir = Path(sweep_dir)
     jobs = [job for source in sources or [sweep_dir] for job in collect_jobs(source)]
     if sources and len(sources) > 1:
+        jobs = drop_rerun(jobs)
         fill_unset(jobs)
     swept, fixed = swept_keys(jobs)
     groups = group_jobs(jobs, swept)

@@ -99,6 +99,29 @@ def test_several_sweeps_make_one_table_in_out(
     assert not (baseline / "summary.md").exists() and not (new / "summary.md").exists()
 
 
+def test_a_job_cut_short_in_one_sweep_and_rerun_in_another_counts_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Seeds 0-2 planned, seed 1 ran and seed 2 was stopped before it started; seed 2 ran
+    alone in a second sweep. Together: 3 runs, all ok, none missing."""
+    first, second = tmp_path / "seeds0-2", tmp_path / "seed2"
+    (first / "multirun.yaml").parent.mkdir(parents=True)
+    (first / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper."
+        "BasicSweeper\n    params: {}\n  overrides:\n    task: ['seed=0,1,2']\n"
+    )
+    for num, root in ((0, first), (1, first), (0, second)):
+        seed = 2 if root == second else num
+        job = fake_job(root, num, 4)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
+    assert main([str(first)]) == 0
+    assert "1 missing" in (first / "summary.md").read_text()  # alone, the first sweep lacks seed 2
+    out = tmp_path / "together"
+    assert main([str(first), str(second), "--out", str(out)]) == 0
+    table = (out / "summary.md").read_text()
+    assert "3 jobs: 3 ok" in table and "missing" not in table
+
+
 def test_a_key_one_sweep_overrides_shows_what_the_other_sweep_ran_with(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
