@@ -587,6 +587,13 @@ def certify(
         model.train(was_training)
 
 
+def first_wrong_length(curve: dict[str, float]) -> int | None:
+    """The shortest length of a ``length_curve`` (``metrics.json``'s lengths -> accuracy) at which
+    some string was wrong, or None."""
+    wrong = [int(n) for n, accuracy in curve.items() if not accuracy >= 1.0]
+    return min(wrong, default=None)
+
+
 def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> dict[str, Any]:
     """The worst-case and certificate entries of ``metrics.json`` for a trained run.
 
@@ -594,7 +601,9 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
     ``max(eval.lengths)`` bits the model gets wrong, or None; ``solved`` requires None. With a
     length curve, ``test/exact_until_random`` is the curve's figure (random strings only) and
     ``test/exact_until`` also stops before the first structured string it gets wrong.
-    ``certified`` (with ``certified_counterexample`` and ``certify_note``): see ``certify``.
+    ``certified`` (with ``certified_counterexample`` and ``certify_note``): see ``certify``; a
+    string found wrong (structured, or a random one of the length curve) makes it False whatever
+    family the model is.
     """
     encoding = cfg.data.encoding
     limit = model.max_len or float("inf")
@@ -626,6 +635,15 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
             )
         else:
             verdict = certify(model, encoding, probe_len=0)
+        random_wrong = first_wrong_length(metrics.get("length_curve", {}))
+        if verdict.certified is None and random_wrong is not None:
+            # a random string the network gets wrong is a sound "no" too; too long to record as
+            # runs, it is named by how to draw it again
+            verdict = Certificate(
+                False,
+                note=f"wrong on a random string of {random_wrong:,} bits: a prefix of one of the "
+                f"length curve's streams (seed {cfg.get('seed')}, eval.curve)",
+            )
         out["certified"] = verdict.certified
         out["certified_counterexample"] = verdict.counterexample
         out["certify_note"] = verdict.note

@@ -106,7 +106,7 @@ def summary(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, num_paramet
     if "certified" in metrics:
         verdict = {True: "certified: right on every string of every length", None: "not certified"}
         text = verdict.get(metrics["certified"], "certified: false")
-        if metrics["certified"] is False:
+        if metrics["certified"] is False and metrics["certified_counterexample"]:
             text += f", wrong on {metrics['certified_counterexample']}"
         accuracies += f"\n  proof     {text} ({metrics['certify_note']})"
     solved = (

@@ -367,3 +367,36 @@ def test_a_long_worst_case_failure_is_a_counterexample_for_an_uncovered_model() 
     assert len(bits) > 16 and run_bits(model, bits) != bits.count("1") % 2
     # exact up to the string before it, whatever the random strings said
     assert out["test/exact_until"] == len(bits) - 1 and out["test/exact_until_random"] == 100_000
+
+
+def test_a_random_string_wrong_makes_certified_false_not_null(monkeypatch) -> None:
+    """The length curve found a random string wrong, no structured string is wrong and the
+    search is undecided: certified is False (a real wrong string is a sound "no"), with no
+    string to record and a note that says how to draw it again."""
+    from omegaconf import OmegaConf
+
+    import parity_lab.certify as certify_module
+    from parity_lab.models.handset import handset_linear_rnn
+
+    monkeypatch.setattr(
+        certify_module, "certify", lambda *args, **kwargs: certify_module.Certificate(None)
+    )
+    cfg = OmegaConf.create(
+        {
+            "seed": 3,
+            "data": {"encoding": "bit"},
+            "eval": {"lengths": [16], "certify": True, "curve": {"max_len": 64}},
+        }
+    )
+    curve = {"1": 1.0, "40": 1.0, "50": 0.96875, "64": 1.0}
+    out = certify_module.exactness_metrics(
+        handset_linear_rnn(), cfg, {"test/exact_until": 40, "length_curve": curve}
+    )
+    assert out["worst_case_wrong"] is None and out["certified"] is False
+    assert out["certified_counterexample"] is None
+    assert "random string of 50 bits" in out["certify_note"] and "seed 3" in out["certify_note"]
+    right = {"1": 1.0, "64": 1.0}  # every random string right: the search's null stands
+    out = certify_module.exactness_metrics(
+        handset_linear_rnn(), cfg, {"test/exact_until": 64, "length_curve": right}
+    )
+    assert out["certified"] is None

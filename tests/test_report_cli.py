@@ -185,3 +185,34 @@ def test_summary_figure_puts_categories_side_by_side_as_points_and_marks_chance(
     (panel, *_) = plotted(sizes, ["model.hidden_size"])
     ((xs, _),) = panel["series"].values()
     assert xs == [4, 8, 16] and set(panel["styles"].values()) == {"-"}  # numbers: a line
+
+
+def test_the_certificate_column_names_the_shortest_wrong_string_or_a_random_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Certified counts per group; the shortest wrong string among its seeds, and a group
+    certified false on a random string alone says so rather than "none"."""
+    sweep = tmp_path / "sweep"
+    verdicts = {  # hidden size -> per-seed (certified, wrong string)
+        4: [(False, "1 0^24"), (False, "1^3"), (None, None)],
+        8: [(False, None), (None, None), (True, None)],
+    }
+    num = 0
+    for hidden, runs in verdicts.items():
+        for seed, (certified, wrong) in enumerate(runs):
+            job = fake_job(sweep, num, hidden)
+            (job / ".hydra" / "overrides.yaml").write_text(
+                f"- model.hidden_size={hidden}\n- seed={seed}\n"
+            )
+            metrics = json.loads((job / "metrics.json").read_text())
+            metrics.update(certified=certified, certified_counterexample=wrong)
+            (job / "metrics.json").write_text(json.dumps(metrics))
+            num += 1
+    assert main([str(sweep)]) == 0
+    table = (sweep / "summary.md").read_text().splitlines()
+    rows = [
+        next(line for line in table if line.startswith(f"| model.hidden_size={h} |"))
+        for h in (4, 8)
+    ]
+    assert "| 0/2/1 | `1^3` |" in rows[0]
+    assert "| 1/1/1 | a random string |" in rows[1]
