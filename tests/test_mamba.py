@@ -141,3 +141,32 @@ def test_the_c_scan_equals_the_pytorch_scan(signed: bool, read: str) -> None:
     torch.testing.assert_close(g_x, g_x_ref, atol=1e-3, rtol=1e-3)
     for name in grads_ref:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_reading_the_answers_alone_gives_the_same_values_and_gradients(signed: bool) -> None:
+    """``forward(x, answers=...)`` (training under the published loss) stops the C scan at each
+    string's answer: the outputs there and every gradient equal the full forward read at the
+    answers bit for bit (two layers, conv 4, so a later layer's steps past the answer, fed an
+    unscanned input, are shown to reach nothing)."""
+    if mamba.scan_library(16) is None:
+        pytest.skip("no C compiler")
+    ours, _ = pair(signed, d_conv=4, num_layers=2)
+    ours.float()
+    assert ours.reads_answers
+    bits = torch.randint(0, 2, (5, 23, 1), generator=torch.Generator().manual_seed(4)).float()
+    answers = torch.tensor([22, 0, 9, 3, 15])
+    rows = torch.arange(5)
+    results = []
+    for read_answers in (False, True):
+        x = bits.clone().requires_grad_()
+        if read_answers:
+            y = ours(x, answers=answers)[0][:, 0]
+        else:
+            y = ours(x)[0][rows, answers]
+        ours.zero_grad()
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        results.append((y.detach(), x.grad, [p.grad.clone() for p in ours.parameters()]))
+    (y, g_x, grads), (y_answers, g_x_answers, grads_answers) = results
+    assert torch.equal(y, y_answers) and torch.equal(g_x, g_x_answers)
+    assert all(map(torch.equal, grads, grads_answers))

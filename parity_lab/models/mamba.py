@@ -55,7 +55,7 @@ def scan_library(d_state: int) -> ctypes.CDLL | None:
         d_state,
         "Mamba's scan",
         (
-            ("scan_forward", head + (native.ADDRESS,) * 9, native.INT),
+            ("scan_forward", head + (native.ADDRESS,) * 10, native.INT),
             ("scan_backward", head + (native.ADDRESS,) * 16, native.INT),
         ),
     )
@@ -67,9 +67,11 @@ def kernel_applies(*tensors: torch.Tensor) -> bool:
 
 
 class SelectiveScan(torch.autograd.Function):
-    """``apply(dt, u, B, C, A, D, h0, signed) -> (y, h_last)`` through the C kernel, channels
-    last: ``A`` is (d_state, inner), ``h0`` and ``h_last`` (batch, d_state, inner); ``y``
-    (batch, time, inner) includes the ``D`` skip."""
+    """``apply(dt, u, B, C, A, D, h0, signed, live) -> (y, h_last)`` through the C kernel,
+    channels last: ``A`` is (d_state, inner), ``h0`` and ``h_last`` (batch, d_state, inner); ``y``
+    (batch, time, inner) includes the ``D`` skip. ``live`` (None: every step) is each row's last
+    step wanted: the steps after it are not computed (``y`` 0 there, ``h_last`` the state after
+    it), as a loss read at the answer needs nothing later."""
 
     @staticmethod
     def forward(
@@ -82,16 +84,19 @@ class SelectiveScan(torch.autograd.Function):
         D: torch.Tensor,
         h0: torch.Tensor,
         signed: bool,
+        live: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dt, u, B, C, A, D, h0 = (t.contiguous() for t in (dt, u, B, C, A, D, h0))
         rows, steps, inner = u.shape
         y, h_last = u.new_empty(rows, steps, inner), torch.empty_like(h0)
+        if live is not None:
+            live = live.to(torch.long).contiguous()
         status = scan_library(A.shape[0]).scan_forward(
             rows,
             steps,
             inner,
             int(signed),
-            *map(native.pointer, (dt, u, B, C, A, D, h0, y, h_last)),
+            *map(native.pointer, (dt, u, B, C, A, D, h0, live, y, h_last)),
         )
         if status:
             raise MemoryError("selective_scan.c: no memory for the forward's buffer")
@@ -116,7 +121,7 @@ class SelectiveScan(torch.autograd.Function):
         )  # fmt: skip
         if status:
             raise MemoryError("selective_scan.c: no memory for the backward's buffer")
-        return g_dt, g_u, g_B, g_C, g_A, g_D, g_h0, None
+        return g_dt, g_u, g_B, g_C, g_A, g_D, g_h0, None, None
 
 
 class RMSNorm(nn.Module):
@@ -182,7 +187,11 @@ class MambaMixer(nn.Module):
             x.new_zeros(batch, self.d_conv - 1, self.inner),
         )
 
-    def forward(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+    def forward(
+        self, x: torch.Tensor, state: LayerState, live: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerState]:
+        """``live``: see ``SelectiveScan`` (the kernel stops each row there; without the kernel
+        every step is computed)."""
         h0, tail = state
         u, z = self.in_proj(x).chunk(2, dim=-1)
         # causal depthwise convolution (cross-correlation, as nn.Conv1d), continuing from the
@@ -203,7 +212,7 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log)
         if kernel_applies(dt, u, B, C, A, self.D, h0):
             y, h_last = SelectiveScan.apply(
-                dt, u, B, C, A.t(), self.D, h0.transpose(1, 2), self.signed
+                dt, u, B, C, A.t(), self.D, h0.transpose(1, 2), self.signed, live
             )
             h_last = h_last.transpose(1, 2)
         else:
@@ -242,10 +251,12 @@ class MambaLayer(nn.Module):
         if residual:
             self.norm = RMSNorm(d_model, eps)
 
-    def forward(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+    def forward(
+        self, x: torch.Tensor, state: LayerState, live: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerState]:
         if not self.residual:
-            return self.mixer(x, state)
-        y, state = self.mixer(self.norm(x), state)
+            return self.mixer(x, state, live)
+        y, state = self.mixer(self.norm(x), state, live)
         return x + y, state
 
 
@@ -324,10 +335,19 @@ class Mamba(nn.Module):
             for _ in range(num_layers)
         )
 
+    reads_answers = True  # forward(x, answers=...): outputs at one position per string
+
     def forward(
-        self, x: torch.Tensor, state: list[LayerState] | None = None
+        self,
+        x: torch.Tensor,
+        state: list[LayerState] | None = None,
+        answers: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[LayerState]]:
-        if x.shape[1] > PIECE:  # long inputs piece by piece, carrying the state
+        """``answers`` (one position per string, for training under a loss read there): the
+        outputs at those positions, ``(batch, 1, hidden_size)``, with the same values; the scan
+        kernel stops each string at its answer (nothing later reaches it: every step is causal),
+        and the state returned is each string's as of its answer."""
+        if answers is None and x.shape[1] > PIECE:  # long inputs piece by piece, carrying state
             outputs = []
             for piece in x.split(PIECE, dim=1):
                 output, state = self(piece, state)
@@ -338,6 +358,8 @@ class Mamba(nn.Module):
             state = [layer.mixer.initial_state(y) for layer in self.layers]
         last = []
         for layer, layer_state in zip(self.layers, state, strict=True):
-            y, layer_state = layer(y, layer_state)
+            y, layer_state = layer(y, layer_state, answers)
             last.append(layer_state)
+        if answers is not None:
+            y = y[torch.arange(len(y), device=y.device), answers].unsqueeze(1)
         return y, last

@@ -39,16 +39,20 @@ static inline void step(long E, float sign, const float *restrict d, const float
     }
 }
 
-/* Returns 0, or -1 when the two rows of state cannot be allocated. */
+/* live (NULL: every step) holds each row's last step that is wanted (a loss read at the answer
+ * wants nothing after it): later steps are not computed, their y is 0 and h_last is the state
+ * after the last step computed. Returns 0, or -1 when the two rows of state cannot be allocated. */
 int scan_forward(long R, long T, long E, int sign, const float *dt, const float *u,
                  const float *Bm, const float *Cm, const float *A, const float *D,
-                 const float *h0, float *y, float *h_last) {
+                 const float *h0, const long *live, float *y, float *h_last) {
     float *buffer = malloc(sizeof(float) * 3 * N * (size_t)E);
     if (!buffer) return -1;
     for (long r = 0; r < R; r++) {
         float *h = buffer, *h_next = buffer + N * E;
+        const long last = live ? (live[r] < T - 1 ? live[r] : T - 1) : T - 1;
+        if (last < T - 1) memset(y + (r * T + last + 1) * E, 0, sizeof(float) * (T - 1 - last) * E);
         memcpy(h, h0 + r * N * E, sizeof(float) * N * E);
-        for (long t = 0; t < T; t++) {
+        for (long t = 0; t <= last; t++) {
             const long i = (r * T + t) * E;
             const float *restrict Ct = Cm + (r * T + t) * N;
             step(E, (float)sign, dt + i, u + i, Bm + (r * T + t) * N, A, h, h_next,
