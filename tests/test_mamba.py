@@ -160,10 +160,7 @@ def test_reading_the_answers_alone_gives_the_same_values_and_gradients(signed: b
     results = []
     for read_answers in (False, True):
         x = bits.clone().requires_grad_()
-        if read_answers:
-            y = ours(x, answers=answers)[0][:, 0]
-        else:
-            y = ours(x)[0][rows, answers]
+        y = ours(x, answers=answers)[0][:, 0] if read_answers else ours(x)[0][rows, answers]
         ours.zero_grad()
         (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
         results.append((y.detach(), x.grad, [p.grad.clone() for p in ours.parameters()]))
