@@ -123,6 +123,7 @@ int scan_backward(long R, long T, long E, int sign, const float *dt, const float
             const float *restrict Bt = Bm + (r * T + t) * N, *restrict Ct = Cm + (r * T + t) * N;
             float *restrict gBt = g_B + (r * T + t) * N, *restrict gCt = g_C + (r * T + t) * N;
             float *restrict gdt = g_dt + i, *restrict gu = g_u + i;
+#pragma omp simd
             for (long c = 0; c < E; c++) {
                 gdt[c] = 0.0f;
                 gu[c] = gy[c] * D[c];
@@ -134,6 +135,7 @@ int scan_backward(long R, long T, long E, int sign, const float *dt, const float
                 float *restrict ghn = gh + n * E, *restrict gAn = g_A + n * E;
                 const float b = Bt[n], cn = Ct[n];
                 float gb = 0.0f, gc = 0.0f;
+#pragma omp simd reduction(+ : gb, gc)
                 for (long c = 0; c < E; c++) {
                     const float g = ghn[c] + gy[c] * cn; /* dL/dh_t */
                     const float ga = g * hp[c] * s * et[c]; /* dL/d(dt A) through a_t */
