@@ -23,7 +23,8 @@ reads its bias and bit 1 bias + weight, a 2-row table whose second row starts at
 
 The selective scan runs in ``kernels/selective_scan.c`` (CPU float32; one call per chunk forward
 and one backward, every state kept in registers: PyTorch spends ~250 ms a training step moving
-tensors of (batch, time, channels, states) through memory). Elsewhere (float64, GPU, no C
+tensors of (batch, time, channels, states) through memory), with the step's softplus and the
+output gate ``silu(z)``. Elsewhere (float64, GPU, no C
 compiler, ``PARITY_LAB_NATIVE=0``) it is ``linear_scan`` over the ``expand * d_model * d_state``
 states, the reference the tests hold the kernel to. Both multiply and add only: exact for signed
 transitions. The state carried between chunks is, per layer, the last
@@ -55,40 +56,44 @@ def scan_library(d_state: int) -> ctypes.CDLL | None:
         d_state,
         "Mamba's scan",
         (
-            ("scan_forward", head + (native.ADDRESS,) * 10, native.INT),
-            ("scan_backward", head + (native.ADDRESS,) * 16, native.INT),
+            ("scan_forward", head + (native.ADDRESS,) * 13, native.INT),
+            ("scan_backward", head + (native.ADDRESS,) * 20, native.INT),
         ),
     )
 
 
 def kernel_applies(*tensors: torch.Tensor) -> bool:
-    """Whether the scan kernel can run these tensors (CPU float32, not being traced)."""
+    """Whether the scan kernel can run these tensors (CPU float32, not being traced); the last
+    is h0, (batch, inner, d_state)."""
     return native.runs_on_cpu_float32(*tensors) and scan_library(tensors[-1].shape[-1]) is not None
 
 
 class SelectiveScan(torch.autograd.Function):
-    """``apply(dt, u, B, C, A, D, h0, signed, live) -> (y, h_last)`` through the C kernel,
-    channels last: ``A`` is (d_state, inner), ``h0`` and ``h_last`` (batch, d_state, inner); ``y``
-    (batch, time, inner) includes the ``D`` skip. ``live`` (None: every step) is each row's last
-    step wanted: the steps after it are not computed (``y`` 0 there, ``h_last`` the state after
-    it), as a loss read at the answer needs nothing later."""
+    """``apply(raw, u, B, C, A, D, h0, z, signed, live) -> (y, h_last)`` through the C kernel,
+    channels last: the scan with ``dt = softplus(raw)``, then the gate, ``y = (C . h + D u)
+    silu(z)`` (batch, time, inner); ``A`` is (d_state, inner), ``h0`` and ``h_last`` (batch,
+    d_state, inner). ``live`` (None: every step) is each row's last step wanted: the steps after
+    it are not computed (``y`` 0 there, ``h_last`` the state after it), as a loss read at the
+    answer needs nothing later."""
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
-        dt: torch.Tensor,
+        raw: torch.Tensor,
         u: torch.Tensor,
         B: torch.Tensor,
         C: torch.Tensor,
         A: torch.Tensor,
         D: torch.Tensor,
         h0: torch.Tensor,
+        z: torch.Tensor,
         signed: bool,
         live: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dt, u, B, C, A, D, h0 = (t.contiguous() for t in (dt, u, B, C, A, D, h0))
+        raw, u, B, C, A, D, h0, z = (t.contiguous() for t in (raw, u, B, C, A, D, h0, z))
         rows, steps, inner = u.shape
-        y, h_last = u.new_empty(rows, steps, inner), torch.empty_like(h0)
+        dt, y_inner, y = (torch.empty_like(u) for _ in range(3))
+        h_last = torch.empty_like(h0)
         if live is not None:
             live = live.to(torch.long).contiguous()
         status = scan_library(A.shape[0]).scan_forward(
@@ -96,11 +101,11 @@ class SelectiveScan(torch.autograd.Function):
             steps,
             inner,
             int(signed),
-            *map(native.pointer, (dt, u, B, C, A, D, h0, live, y, h_last)),
+            *map(native.pointer, (raw, u, B, C, A, D, h0, z, live, dt, y_inner, y, h_last)),
         )
         if status:
             raise MemoryError("selective_scan.c: no memory for the forward's buffer")
-        ctx.save_for_backward(dt, u, B, C, A, D, h0)
+        ctx.save_for_backward(raw, dt, u, B, C, A, D, h0, z, y_inner)
         ctx.signed = signed
         return y, h_last
 
@@ -108,20 +113,20 @@ class SelectiveScan(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, g_y: torch.Tensor, g_h_last: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        dt, u, B, C, A, D, h0 = ctx.saved_tensors
+        raw, dt, u, B, C, A, D, h0, z, y_inner = ctx.saved_tensors
         rows, steps, inner = u.shape
         g_y = g_y.contiguous()
         g_h_last = None if g_h_last is None else g_h_last.contiguous()
-        g_dt, g_u, g_h0 = torch.empty_like(dt), torch.empty_like(u), torch.empty_like(h0)
+        g_raw, g_u, g_z, g_h0 = (torch.empty_like(t) for t in (raw, u, z, h0))
         g_B, g_C, g_A, g_D = (torch.zeros_like(t) for t in (B, C, A, D))
         status = scan_library(A.shape[0]).scan_backward(
             rows, steps, inner, int(ctx.signed),
-            *map(native.pointer, (dt, u, B, C, A, D, h0, g_y, g_h_last, g_dt, g_u, g_B, g_C, g_A,
-                                  g_D, g_h0)),
+            *map(native.pointer, (raw, dt, u, B, C, A, D, h0, z, y_inner, g_y, g_h_last, g_raw,
+                                  g_u, g_B, g_C, g_A, g_D, g_h0, g_z)),
         )  # fmt: skip
         if status:
             raise MemoryError("selective_scan.c: no memory for the backward's buffer")
-        return g_dt, g_u, g_B, g_C, g_A, g_D, g_h0, None, None
+        return g_raw, g_u, g_B, g_C, g_A, g_D, g_h0, g_z, None, None
 
 
 class RMSNorm(nn.Module):
@@ -208,15 +213,14 @@ class MambaMixer(nn.Module):
         else:
             dt, shape = self.x_proj(u), (*u.shape[:2], self.d_state)
             B, C = self.B.expand(shape), self.C.expand(shape)
-        dt = F.softplus(self.dt_proj(dt))  # (batch, time, inner)
+        raw = self.dt_proj(dt)  # (batch, time, inner); the step is softplus(raw)
         A = -torch.exp(self.A_log)
-        if kernel_applies(dt, u, B, C, A, self.D, h0):
+        if kernel_applies(raw, u, B, C, z, A, self.D, h0):  # softplus and gate in the kernel too
             y, h_last = SelectiveScan.apply(
-                dt, u, B, C, A.t(), self.D, h0.transpose(1, 2), self.signed, live
+                raw, u, B, C, A.t(), self.D, h0.transpose(1, 2), z, self.signed, live
             )
-            h_last = h_last.transpose(1, 2)
-        else:
-            y, h_last = self.scan(dt, u, B, C, A, h0)
+            return self.out_proj(y), (h_last.transpose(1, 2), new_tail)
+        y, h_last = self.scan(F.softplus(raw), u, B, C, A, h0)
         return self.out_proj(y * F.silu(z)), (h_last, new_tail)
 
     def scan(

@@ -1,16 +1,16 @@
 /* Mamba's selective scan over a chunk, forward and backward, in one call each.
  *
- * Per row r, channel c and state n (N = HIDDEN states, E channels):
+ * Per row r, channel c and state n (N = HIDDEN states, E channels), with dt_t = softplus(raw_t):
  *   h_t[n, c] = a_t[n, c] h_{t-1}[n, c] + dt_t[c] u_t[c] B_t[n],
  *   a_t[n, c] = exp(dt_t[c] A[n, c]) (signed: 2 exp(dt_t[c] A[n, c]) - 1),
- *   y_t[c] = sum_n C_t[n] h_t[n, c] + D[c] u_t[c].
+ *   y_t[c] = (sum_n C_t[n] h_t[n, c] + D[c] u_t[c]) silu(z_t[c]).
  * The same arithmetic as MambaMixer.scan (parity_lab/models/mamba.py), which stays the reference.
  * Loops run over channels innermost (contiguous, vectorised, no horizontal sums), and a row's
  * N x E states stay in the L1 cache: nothing of size (time, channels, states) goes to memory
  * in the forward, and the backward recomputes one row's states and transitions into a buffer.
  * Compiled and loaded by parity_lab/models/native.py (-DHIDDEN=N).
  *
- * Layouts, all contiguous float32: dt, u, y, g_y, g_dt, g_u (R,T,E); Bm, Cm, g_B, g_C (R,T,N);
+ * Layouts, all contiguous float32: raw, dt, u, z, y_inner, y, g_y, g_raw, g_u, g_z (R,T,E); Bm, Cm, g_B, g_C (R,T,N);
  * A, g_A (N,E) (transposed from the module's (E,N)); D, g_D (E); h0, h_last, g_h_last, g_h0
  * (R,N,E).
  */
@@ -39,28 +39,46 @@ static inline void step(long E, float sign, const float *restrict d, const float
     }
 }
 
-/* live (NULL: every step) holds each row's last step that is wanted (a loss read at the answer
- * wants nothing after it): later steps are not computed, their y is 0 and h_last is the state
- * after the last step computed. Returns 0, or -1 when the two rows of state cannot be allocated. */
-int scan_forward(long R, long T, long E, int sign, const float *dt, const float *u,
+static inline float sigmoid_(float x) { return 1.0f / (1.0f + exp_(-x)); }
+
+/* torch's softplus (threshold 20): log(1 + exp(x)), and x itself above 20 */
+static inline float softplus_(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* The step dt = softplus(raw) and the gate, y = (C . h + D u) silu(z), are done here too: as
+ * PyTorch operations on (rows, time, channels) tensors they cost as much as the scan.
+ * live (NULL: every step) holds each row's last step that is wanted (a loss read at the answer
+ * wants nothing after it): later steps are not computed, their dt, y_inner and y are 0 and
+ * h_last is the state after the last step computed. dt and y_inner (the output before the gate)
+ * are kept for the backward. Returns 0, or -1 when the two rows of state cannot be allocated. */
+int scan_forward(long R, long T, long E, int sign, const float *raw, const float *u,
                  const float *Bm, const float *Cm, const float *A, const float *D,
-                 const float *h0, const long *live, float *y, float *h_last) {
+                 const float *h0, const float *z, const long *live, float *dt, float *y_inner,
+                 float *y, float *h_last) {
     float *buffer = malloc(sizeof(float) * 3 * N * (size_t)E);
     if (!buffer) return -1;
     for (long r = 0; r < R; r++) {
         float *h = buffer, *h_next = buffer + N * E;
         const long last = live ? (live[r] < T - 1 ? live[r] : T - 1) : T - 1;
-        if (last < T - 1) memset(y + (r * T + last + 1) * E, 0, sizeof(float) * (T - 1 - last) * E);
+        if (last < T - 1) {
+            const size_t from = (r * T + last + 1) * E, bytes = sizeof(float) * (T - 1 - last) * E;
+            memset(dt + from, 0, bytes);
+            memset(y_inner + from, 0, bytes);
+            memset(y + from, 0, bytes);
+        }
         memcpy(h, h0 + r * N * E, sizeof(float) * N * E);
         for (long t = 0; t <= last; t++) {
             const long i = (r * T + t) * E;
             const float *restrict Ct = Cm + (r * T + t) * N;
-            step(E, (float)sign, dt + i, u + i, Bm + (r * T + t) * N, A, h, h_next,
+            float *restrict d = dt + i;
+            for (long c = 0; c < E; c++) d[c] = softplus_(raw[i + c]);
+            step(E, (float)sign, d, u + i, Bm + (r * T + t) * N, A, h, h_next,
                  buffer + 2 * N * E);
-            float *restrict yt = y + i;
-            for (long c = 0; c < E; c++) yt[c] = D[c] * u[i + c];
+            float *restrict yi = y_inner + i, *restrict yt = y + i;
+            const float *restrict zt = z + i;
+            for (long c = 0; c < E; c++) yi[c] = D[c] * u[i + c];
             for (int n = 0; n < N; n++)
-                for (long c = 0; c < E; c++) yt[c] += Ct[n] * h_next[n * E + c];
+                for (long c = 0; c < E; c++) yi[c] += Ct[n] * h_next[n * E + c];
+            for (long c = 0; c < E; c++) yt[c] = yi[c] * zt[c] * sigmoid_(zt[c]);
             float *swap = h;
             h = h_next;
             h_next = swap;
@@ -84,19 +102,23 @@ static long last_live_step(long r, long T, long E, const float *g_y, const float
     return -1;
 }
 
-/* Gradients of everything from g_y and g_h_last (NULL: zero). g_A and g_D are accumulated into
- * (the caller zeroes them); the others are written. Steps after a row's last non-zero gradient
- * get zero gradients without arithmetic (their contributions are exactly zero), and its states
- * are recomputed only up to that step. Returns 0, or -1 when the buffer cannot be allocated. */
-int scan_backward(long R, long T, long E, int sign, const float *dt, const float *u,
-                  const float *Bm, const float *Cm, const float *A, const float *D,
-                  const float *h0, const float *g_y, const float *g_h_last, float *g_dt,
-                  float *g_u, float *g_B, float *g_C, float *g_A, float *g_D, float *g_h0) {
+/* Gradients of everything from g_y (the gated output's) and g_h_last (NULL: zero): g_raw is
+ * dt's pre-softplus input's. g_A and g_D are accumulated into (the caller zeroes them); the
+ * others are written. Steps after a row's last non-zero gradient get zero gradients without
+ * arithmetic (their contributions are exactly zero), and its states are recomputed only up to
+ * that step. Returns 0, or -1 when the buffer cannot be allocated. */
+int scan_backward(long R, long T, long E, int sign, const float *raw, const float *dt,
+                  const float *u, const float *Bm, const float *Cm, const float *A,
+                  const float *D, const float *h0, const float *z, const float *y_inner,
+                  const float *g_y, const float *g_h_last, float *g_raw, float *g_u, float *g_B,
+                  float *g_C, float *g_A, float *g_D, float *g_h0, float *g_z) {
     const long S = N * E;
-    float *hs = malloc(sizeof(float) * ((size_t)(2 * T + 2) * S));
+    float *hs = malloc(sizeof(float) * ((size_t)(2 * T + 2) * S + (size_t)T * E));
     if (!hs) return -1;
     float *es = hs + (T + 1) * S; /* es[t] = exp(dt_t A), hs[t + 1] = h_t */
     float *gh = es + T * S;
+    float *gys = gh + S; /* the gradient of y_inner, row r's steps */
+    float *g_dt = g_raw;  /* written as dt's gradient, then times softplus' = sigmoid(raw) */
     const float s = sign ? 2.0f : 1.0f, fsign = (float)sign;
     for (long r = 0; r < R; r++) {
         const long live = last_live_step(r, T, E, g_y, g_h_last, S);
@@ -104,8 +126,17 @@ int scan_backward(long R, long T, long E, int sign, const float *dt, const float
             const long from = r * T + live + 1, steps = T - 1 - live;
             memset(g_dt + from * E, 0, sizeof(float) * steps * E);
             memset(g_u + from * E, 0, sizeof(float) * steps * E);
+            memset(g_z + from * E, 0, sizeof(float) * steps * E);
             memset(g_B + from * N, 0, sizeof(float) * steps * N);
             memset(g_C + from * N, 0, sizeof(float) * steps * N);
+        }
+        for (long t = 0; t <= live; t++) { /* through the gate: y = y_inner silu(z) */
+            const long i = (r * T + t) * E;
+            for (long c = 0; c < E; c++) {
+                const float zc = z[i + c], sg = sigmoid_(zc);
+                gys[t * E + c] = g_y[i + c] * zc * sg;
+                g_z[i + c] = g_y[i + c] * y_inner[i + c] * sg * (1.0f + zc * (1.0f - sg));
+            }
         }
         memcpy(hs, h0 + r * S, sizeof(float) * S);
         for (long t = 0; t <= live; t++) {
@@ -119,7 +150,7 @@ int scan_backward(long R, long T, long E, int sign, const float *dt, const float
             memset(gh, 0, sizeof(float) * S);
         for (long t = live; t >= 0; t--) {
             const long i = (r * T + t) * E;
-            const float *restrict d = dt + i, *restrict x = u + i, *restrict gy = g_y + i;
+            const float *restrict d = dt + i, *restrict x = u + i, *restrict gy = gys + t * E;
             const float *restrict Bt = Bm + (r * T + t) * N, *restrict Ct = Cm + (r * T + t) * N;
             float *restrict gBt = g_B + (r * T + t) * N, *restrict gCt = g_C + (r * T + t) * N;
             float *restrict gdt = g_dt + i, *restrict gu = g_u + i;
@@ -149,6 +180,8 @@ int scan_backward(long R, long T, long E, int sign, const float *dt, const float
                 gBt[n] = gb;
                 gCt[n] = gc;
             }
+#pragma omp simd
+            for (long c = 0; c < E; c++) gdt[c] *= sigmoid_(raw[i + c]);
         }
         memcpy(g_h0 + r * S, gh, sizeof(float) * S);
     }
