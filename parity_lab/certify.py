@@ -49,6 +49,7 @@ has no recurrent state.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -589,8 +590,8 @@ def certify(
 
 def first_wrong_length(curve: dict[str, float]) -> int | None:
     """The shortest length of a ``length_curve`` (``metrics.json``'s lengths -> accuracy) at which
-    some string was wrong, or None."""
-    wrong = [int(n) for n, accuracy in curve.items() if not accuracy >= 1.0]
+    some string was wrong, or None. No accuracy (NaN: no string scored) is no wrong string."""
+    wrong = [int(n) for n, accuracy in curve.items() if accuracy < 1.0]
     return min(wrong, default=None)
 
 
@@ -636,14 +637,17 @@ def exactness_metrics(model: ParityRNN, cfg: Any, metrics: dict[str, Any]) -> di
         else:
             verdict = certify(model, encoding, probe_len=0)
         random_wrong = first_wrong_length(metrics.get("length_curve", {}))
-        if verdict.certified is None and random_wrong is not None:
+        if verdict.certified is not False and random_wrong is not None:
             # a random string the network gets wrong is a sound "no" too; too long to record as
             # runs, it is named by how to draw it again
-            verdict = Certificate(
-                False,
-                note=f"wrong on a random string of {random_wrong:,} bits: a prefix of one of the "
-                f"length curve's streams (seed {cfg.get('seed')}, eval.curve)",
+            note = (
+                f"wrong on a random string of {random_wrong:,} bits: a prefix of one of the "
+                f"length curve's streams (seed {cfg.get('seed')}, eval.curve)"
             )
+            if verdict.certified:  # never expected: the proof would be unsound
+                note += f"; a proof was found too ({verdict.note}), which this string refutes"
+                warnings.warn(f"parity_lab.certify: {note}", stacklevel=2)
+            verdict = Certificate(False, note=note)
         out["certified"] = verdict.certified
         out["certified_counterexample"] = verdict.counterexample
         out["certify_note"] = verdict.note

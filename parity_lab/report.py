@@ -355,7 +355,7 @@ def summary_table(groups: list[Group]) -> str:
     # The exactness issue's three columns: certificates, worst-case strings, random strings.
     proofs = any("certified" in job.metrics for group in groups for job in group.ok)
     if proofs:
-        header[-1:-1] = ["certified (true/false/none)", "first worst-case string wrong"]
+        header[-1:-1] = ["certified (true/false/none)", "shortest string found wrong"]
     random_exact = any("test/exact_until_random" in job.metrics for g in groups for job in g.ok)
     if random_exact:
         header[-1:-1] = ["exact up to, random strings only"]

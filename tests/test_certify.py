@@ -395,8 +395,34 @@ def test_a_random_string_wrong_makes_certified_false_not_null(monkeypatch) -> No
     assert out["worst_case_wrong"] is None and out["certified"] is False
     assert out["certified_counterexample"] is None
     assert "random string of 50 bits" in out["certify_note"] and "seed 3" in out["certify_note"]
-    right = {"1": 1.0, "64": 1.0}  # every random string right: the search's null stands
+    right = {"1": 1.0, "64": 1.0, "70": float("nan")}  # right where scored: null stands
     out = certify_module.exactness_metrics(
         handset_linear_rnn(), cfg, {"test/exact_until": 64, "length_curve": right}
     )
     assert out["certified"] is None
+
+
+def test_a_random_string_wrong_overrules_a_proof_loudly(monkeypatch) -> None:
+    """A proof and a real wrong string cannot both stand: the string wins, the note says a
+    proof was refuted and a warning is raised (a sound search never gets here)."""
+    from omegaconf import OmegaConf
+
+    import parity_lab.certify as certify_module
+    from parity_lab.models.handset import handset_linear_rnn
+
+    monkeypatch.setattr(
+        certify_module,
+        "certify",
+        lambda *args, **kwargs: certify_module.Certificate(True, note="4 boxes"),
+    )
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "data": {"encoding": "bit"},
+            "eval": {"lengths": [16], "certify": True, "curve": {"max_len": 64}},
+        }
+    )
+    metrics = {"test/exact_until": 40, "length_curve": {"40": 1.0, "50": 0.5}}
+    with pytest.warns(UserWarning, match="refutes"):
+        out = certify_module.exactness_metrics(handset_linear_rnn(), cfg, metrics)
+    assert out["certified"] is False and "4 boxes" in out["certify_note"]

@@ -167,3 +167,72 @@ def test_reading_the_answers_alone_gives_the_same_values_and_gradients(signed: b
     (y, g_x, grads), (y_answers, g_x_answers, grads_answers) = results
     assert torch.equal(y, y_answers) and torch.equal(g_x, g_x_answers)
     assert all(map(torch.equal, grads, grads_answers))
+
+
+def test_with_answers_the_state_is_each_strings_at_its_answer_and_differentiable() -> None:
+    """Reading the answers, the scan's ``h`` is each string's at its answer, and a loss on it
+    (a gradient arriving from the state, as a next chunk would send) back-propagates from the
+    answer, not from steps the forward never computed: the same as each string cut at its
+    answer and run alone."""
+    if mamba.scan_library(16) is None:
+        pytest.skip("no C compiler")
+    ours, _ = pair(True)
+    ours.float()
+    bits = torch.randint(0, 2, (4, 12, 1), generator=torch.Generator().manual_seed(5)).float()
+    answers = torch.tensor([11, 0, 6, 3])
+    weights = torch.linspace(-1, 1, 16)
+
+    def loss_and_grads(y: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> tuple:
+        loss = (y * weights).sum() + h.square().sum()
+        ours.zero_grad()
+        loss.backward()
+        return x.grad, [p.grad.clone() for p in ours.parameters()]
+
+    x = bits.clone().requires_grad_()
+    y, state = ours(x, answers=answers)
+    h = state[0][0]
+    g_x, grads = loss_and_grads(y[:, 0], h, x)
+    alone_h, alone_g_x, alone_grads = [], torch.zeros_like(bits), None
+    for row, answer in enumerate(answers.tolist()):
+        piece = bits[row : row + 1, : answer + 1].clone().requires_grad_()
+        y_row, state_row = ours(piece)
+        alone_h.append(state_row[0][0])
+        g_piece, grads_row = loss_and_grads(y_row[:, -1], state_row[0][0], piece)
+        alone_g_x[row, : answer + 1] = g_piece[0]
+        alone_grads = (
+            grads_row if alone_grads is None else list(map(torch.add, alone_grads, grads_row))
+        )
+    torch.testing.assert_close(h, torch.cat(alone_h).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_x, alone_g_x, atol=1e-4, rtol=1e-4)
+    for grad, alone in zip(grads, alone_grads, strict=True):
+        torch.testing.assert_close(grad, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_the_c_scan_matches_the_reference_at_saturated_steps_and_gates() -> None:
+    """Pre-softplus steps far above torch's threshold (20) and far below (where exp overflows),
+    and gates |z| ~ 100: the kernel's outputs and gradients stay finite and equal the PyTorch
+    reference's."""
+    if mamba.scan_library(16) is None:
+        pytest.skip("no C compiler")
+    kernel, reference = kernel_and_reference(True)
+    for model in (kernel, reference):
+        mixer = model.layers[0].mixer
+        with torch.no_grad():
+            mixer.dt_proj.bias[:8] = 25.0
+            mixer.dt_proj.bias[8:16] = -100.0
+            mixer.in_proj.weight[mixer.inner :] *= 60.0  # the gate branch z
+    bits = torch.randint(0, 2, (3, 9, 1), generator=torch.Generator().manual_seed(6))
+    results = []
+    for model in (kernel, reference):
+        x = bits.to(next(model.parameters()).dtype).requires_grad_()
+        y, _ = model(x)
+        model.zero_grad()
+        (y * torch.linspace(-1, 1, 16).to(y.dtype)).sum().backward()
+        grads = [p.grad.double() for p in model.parameters()]
+        results.append((y.double(), x.grad.double(), grads))
+    (y, g_x, grads), (y_ref, g_x_ref, grads_ref) = results
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(g_x, g_x_ref, atol=1e-2, rtol=1e-3)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-2, rtol=1e-3)

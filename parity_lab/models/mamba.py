@@ -57,7 +57,7 @@ def scan_library(d_state: int) -> ctypes.CDLL | None:
         "Mamba's scan",
         (
             ("scan_forward", head + (native.ADDRESS,) * 13, native.INT),
-            ("scan_backward", head + (native.ADDRESS,) * 20, native.INT),
+            ("scan_backward", head + (native.ADDRESS,) * 21, native.INT),
         ),
     )
 
@@ -106,7 +106,7 @@ class SelectiveScan(torch.autograd.Function):
         if status:
             raise MemoryError("selective_scan.c: no memory for the forward's buffer")
         ctx.save_for_backward(raw, dt, u, B, C, A, D, h0, z, y_inner)
-        ctx.signed = signed
+        ctx.signed, ctx.live = signed, live
         return y, h_last
 
     @staticmethod
@@ -121,8 +121,8 @@ class SelectiveScan(torch.autograd.Function):
         g_B, g_C, g_A, g_D = (torch.zeros_like(t) for t in (B, C, A, D))
         status = scan_library(A.shape[0]).scan_backward(
             rows, steps, inner, int(ctx.signed),
-            *map(native.pointer, (raw, dt, u, B, C, A, D, h0, z, y_inner, g_y, g_h_last, g_raw,
-                                  g_u, g_B, g_C, g_A, g_D, g_h0, g_z)),
+            *map(native.pointer, (raw, dt, u, B, C, A, D, h0, z, y_inner, ctx.live, g_y,
+                                  g_h_last, g_raw, g_u, g_B, g_C, g_A, g_D, g_h0, g_z)),
         )  # fmt: skip
         if status:
             raise MemoryError("selective_scan.c: no memory for the backward's buffer")
@@ -349,8 +349,18 @@ class Mamba(nn.Module):
     ) -> tuple[torch.Tensor, list[LayerState]]:
         """``answers`` (one position per string, for training under a loss read there): the
         outputs at those positions, ``(batch, 1, hidden_size)``, with the same values; the scan
-        kernel stops each string at its answer (nothing later reaches it: every step is causal),
-        and the state returned is each string's as of its answer."""
+        kernel stops each string at its answer (nothing later reaches it: every step is causal).
+        The state returned is then not for carrying on: the kernel's ``h`` is each string's at
+        its answer, the convolution's inputs the chunk's last. Inputs are not split into pieces
+        of ``PIECE`` steps then (training strings are short)."""
+        if answers is not None and (
+            answers.shape != (x.shape[0],)
+            or not 0 <= int(answers.min()) <= int(answers.max()) < x.shape[1]
+        ):
+            raise ValueError(
+                f"answers must be one position in 0..{x.shape[1] - 1} per string, got "
+                f"{tuple(answers.shape)} values in [{int(answers.min())}, {int(answers.max())}]"
+            )
         if answers is None and x.shape[1] > PIECE:  # long inputs piece by piece, carrying state
             outputs = []
             for piece in x.split(PIECE, dim=1):

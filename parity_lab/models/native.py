@@ -32,8 +32,8 @@ import torch
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 # -ffast-math lets the compiler call a vectorised exp (glibc's libmvec); the kernels clamp exp's
-# argument, so no infinity arises. Without -march=native (not every compiler has it) the build is
-# retried portable.
+# argument, so no infinity arises (a vectorised division is a reciprocal estimate, NaN on one).
+# Without -march=native (not every compiler has it) the build is retried portable.
 FLAGS = [["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"], ["-O3", "-ffast-math"]]
 
 

@@ -15,6 +15,7 @@
  * (R,N,E).
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -39,10 +40,18 @@ static inline void step(long E, float sign, const float *restrict d, const float
     }
 }
 
-static inline float sigmoid_(float x) { return 1.0f / (1.0f + exp_(-x)); }
+/* exp's argument clamped above too: the vectorised division is a reciprocal estimate, and 1/inf
+ * through it would be NaN */
+static inline float sigmoid_(float x) { return 1.0f / (1.0f + expf(fminf(-x, 80.0f))); }
 
 /* torch's softplus (threshold 20): log(1 + exp(x)), and x itself above 20 */
 static inline float softplus_(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* Row r's last wanted step, live[r] within [-1, T - 1] (-1: none), or T - 1 without live */
+static inline long wanted(const int64_t *live, long r, long T) {
+    if (!live) return T - 1;
+    return live[r] < -1 ? -1 : (live[r] > T - 1 ? T - 1 : (long)live[r]);
+}
 
 /* The step dt = softplus(raw) and the gate, y = (C . h + D u) silu(z), are done here too: as
  * PyTorch operations on (rows, time, channels) tensors they cost as much as the scan.
@@ -52,13 +61,13 @@ static inline float softplus_(float x) { return x > 20.0f ? x : log1pf(expf(x));
  * are kept for the backward. Returns 0, or -1 when the two rows of state cannot be allocated. */
 int scan_forward(long R, long T, long E, int sign, const float *raw, const float *u,
                  const float *Bm, const float *Cm, const float *A, const float *D,
-                 const float *h0, const float *z, const long *live, float *dt, float *y_inner,
-                 float *y, float *h_last) {
+                 const float *h0, const float *z, const int64_t *live, float *dt,
+                 float *y_inner, float *y, float *h_last) {
     float *buffer = malloc(sizeof(float) * 3 * N * (size_t)E);
     if (!buffer) return -1;
     for (long r = 0; r < R; r++) {
         float *h = buffer, *h_next = buffer + N * E;
-        const long last = live ? (live[r] < T - 1 ? live[r] : T - 1) : T - 1;
+        const long last = wanted(live, r, T);
         if (last < T - 1) {
             const size_t from = (r * T + last + 1) * E, bytes = sizeof(float) * (T - 1 - last) * E;
             memset(dt + from, 0, bytes);
@@ -103,15 +112,16 @@ static long last_live_step(long r, long T, long E, const float *g_y, const float
 }
 
 /* Gradients of everything from g_y (the gated output's) and g_h_last (NULL: zero): g_raw is
- * dt's pre-softplus input's. g_A and g_D are accumulated into (the caller zeroes them); the
+ * dt's pre-softplus input's; live_steps is the forward's live (the backward starts no later). g_A and g_D are accumulated into (the caller zeroes them); the
  * others are written. Steps after a row's last non-zero gradient get zero gradients without
  * arithmetic (their contributions are exactly zero), and its states are recomputed only up to
  * that step. Returns 0, or -1 when the buffer cannot be allocated. */
 int scan_backward(long R, long T, long E, int sign, const float *raw, const float *dt,
                   const float *u, const float *Bm, const float *Cm, const float *A,
                   const float *D, const float *h0, const float *z, const float *y_inner,
-                  const float *g_y, const float *g_h_last, float *g_raw, float *g_u, float *g_B,
-                  float *g_C, float *g_A, float *g_D, float *g_h0, float *g_z) {
+                  const int64_t *live_steps, const float *g_y, const float *g_h_last,
+                  float *g_raw, float *g_u, float *g_B, float *g_C, float *g_A, float *g_D,
+                  float *g_h0, float *g_z) {
     const long S = N * E;
     float *hs = malloc(sizeof(float) * ((size_t)(2 * T + 2) * S + (size_t)T * E));
     if (!hs) return -1;
@@ -121,7 +131,10 @@ int scan_backward(long R, long T, long E, int sign, const float *raw, const floa
     float *g_dt = g_raw;  /* written as dt's gradient, then times softplus' = sigmoid(raw) */
     const float s = sign ? 2.0f : 1.0f, fsign = (float)sign;
     for (long r = 0; r < R; r++) {
-        const long live = last_live_step(r, T, E, g_y, g_h_last, S);
+        /* no further than the forward went: h_last is the state there, and nothing later was
+         * computed */
+        const long found = last_live_step(r, T, E, g_y, g_h_last, S);
+        const long stop = wanted(live_steps, r, T), live = found < stop ? found : stop;
         if (live < T - 1) { /* the steps after it: zero gradients */
             const long from = r * T + live + 1, steps = T - 1 - live;
             memset(g_dt + from * E, 0, sizeof(float) * steps * E);
@@ -181,7 +194,8 @@ int scan_backward(long R, long T, long E, int sign, const float *raw, const floa
                 gCt[n] = gc;
             }
 #pragma omp simd
-            for (long c = 0; c < E; c++) gdt[c] *= sigmoid_(raw[i + c]);
+            for (long c = 0; c < E; c++) /* softplus' (1 above torch's threshold, 20) */
+                gdt[c] *= raw[i + c] > 20.0f ? 1.0f : sigmoid_(raw[i + c]);
         }
         memcpy(g_h0 + r * S, gh, sizeof(float) * S);
     }
