@@ -145,10 +145,12 @@ def test_the_c_scan_equals_the_pytorch_scan(signed: bool, read: str) -> None:
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_reading_the_answers_alone_gives_the_same_values_and_gradients(signed: bool) -> None:
-    """``forward(x, answers=...)`` (training under the published loss) stops the C scan at each
-    string's answer: the outputs there and every gradient equal the full forward read at the
-    answers bit for bit (two layers, conv 4, so a later layer's steps past the answer, fed an
-    unscanned input, are shown to reach nothing)."""
+    """``forward(x, answers=...)`` (training under the published loss) packs the strings cut at
+    their answers, and the last layer reads only the answers: the outputs there and every
+    gradient equal the full forward read at the answers, to float32 rounding (matrix products
+    over fewer rows sum in another order; measured 1e-7 relative). Two layers and conv 4, so a
+    later layer's steps past the answer, and the convolution across the strings' seams, are
+    shown to reach nothing."""
     if mamba.scan_library(16) is None:
         pytest.skip("no C compiler")
     ours, _ = pair(signed, d_conv=4, num_layers=2)
@@ -165,8 +167,10 @@ def test_reading_the_answers_alone_gives_the_same_values_and_gradients(signed: b
         (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
         results.append((y.detach(), x.grad, [p.grad.clone() for p in ours.parameters()]))
     (y, g_x, grads), (y_answers, g_x_answers, grads_answers) = results
-    assert torch.equal(y, y_answers) and torch.equal(g_x, g_x_answers)
-    assert all(map(torch.equal, grads, grads_answers))
+    torch.testing.assert_close(y_answers, y, atol=1e-6, rtol=1e-6)
+    for ours_grad, full_grad in zip([g_x, *grads], [g_x_answers, *grads_answers], strict=True):
+        scale = float(full_grad.abs().max())
+        torch.testing.assert_close(ours_grad, full_grad, atol=2e-6 * scale, rtol=0)
 
 
 def test_with_answers_the_state_is_each_strings_at_its_answer_and_differentiable() -> None:

@@ -24,7 +24,10 @@ reads its bias and bit 1 bias + weight, a 2-row table whose second row starts at
 The selective scan runs in ``kernels/selective_scan.c`` (CPU float32; one call per chunk forward
 and one backward, every state kept in registers: PyTorch spends ~250 ms a training step moving
 tensors of (batch, time, channels, states) through memory), with the step's softplus and the
-output gate ``silu(z)``. Elsewhere (float64, GPU, no C
+output gate ``silu(z)``. Training under a loss read at the answer packs the strings, each cut
+after its answer, end to end (``Packed``): the position-wise work skips the padding (about 45%
+of a batch of 2..39 bits padded to 40 steps), and the last layer computes its output at the
+answers alone. Elsewhere (float64, GPU, no C
 compiler, ``PARITY_LAB_NATIVE=0``) it is ``linear_scan`` over the ``expand * d_model * d_state``
 states, the reference the tests hold the kernel to. Both multiply and add only: exact for signed
 transitions. The state carried between chunks is, per layer, the last
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -48,6 +52,29 @@ from parity_lab.models.linear_rnn import PIECE, linear_scan
 LayerState = tuple[torch.Tensor, torch.Tensor]
 
 
+class Packed(NamedTuple):
+    """A batch read to its answers, packed: each string cut after its answer (a loss read there
+    needs nothing later, and every step is causal) and the pieces laid end to end, so that
+    position-wise work (projections, norms, SiLU) skips the padding. Row ``r`` is the tokens
+    ``offsets[r]`` to ``offsets[r + 1] - 1``; ``last_only``: a layer's output is wanted at each
+    row's last token alone (the last layer's)."""
+
+    mask: torch.Tensor  # (batch, time): the tokens kept
+    offsets: torch.Tensor  # (batch + 1,) int64
+    position: torch.Tensor  # (tokens,) each token's step within its string
+    last: torch.Tensor  # (batch,) each row's last token
+    longest: int
+    last_only: bool = False
+
+    @classmethod
+    def cut(cls, answers: torch.Tensor, steps: int) -> Packed:
+        lengths = answers.long() + 1
+        mask = torch.arange(steps, device=answers.device) < lengths.unsqueeze(1)
+        offsets = F.pad(lengths.cumsum(0), (1, 0))
+        position = torch.arange(steps, device=answers.device).expand_as(mask)[mask]
+        return cls(mask, offsets, position, offsets[1:] - 1, int(lengths.max()))
+
+
 def scan_library(d_state: int) -> ctypes.CDLL | None:
     """The selective-scan kernel for ``d_state`` states, or None (with a warning) without one."""
     head = (native.SIZE,) * 3 + (native.INT,)
@@ -56,8 +83,16 @@ def scan_library(d_state: int) -> ctypes.CDLL | None:
         d_state,
         "Mamba's scan",
         (
-            ("scan_forward", head + (native.ADDRESS,) * 13, native.INT),
-            ("scan_backward", head + (native.ADDRESS,) * 21, native.INT),
+            (
+                "scan_forward",
+                head + (native.ADDRESS,) * 10 + (native.INT,) + (native.ADDRESS,) * 4,
+                native.INT,
+            ),
+            (
+                "scan_backward",
+                head + (native.ADDRESS,) * 12 + (native.INT,) + (native.ADDRESS,) * 10,
+                native.INT,
+            ),
         ),
     )
 
@@ -69,12 +104,14 @@ def kernel_applies(*tensors: torch.Tensor) -> bool:
 
 
 class SelectiveScan(torch.autograd.Function):
-    """``apply(raw, u, B, C, A, D, h0, z, signed, live) -> (y, h_last)`` through the C kernel,
-    channels last: the scan with ``dt = softplus(raw)``, then the gate, ``y = (C . h + D u)
-    silu(z)`` (batch, time, inner); ``A`` is (d_state, inner), ``h0`` and ``h_last`` (batch,
+    """``apply(raw, u, B, C, A, D, h0, z, signed, live, packed) -> (y, h_last)`` through the C
+    kernel, channels last: the scan with ``dt = softplus(raw)``, then the gate, ``y = (C . h + D
+    u) silu(z)`` (batch, time, inner); ``A`` is (d_state, inner), ``h0`` and ``h_last`` (batch,
     d_state, inner). ``live`` (None: every step) is each row's last step wanted: the steps after
     it are not computed (``y`` 0 there, ``h_last`` the state after it), as a loss read at the
-    answer needs nothing later."""
+    answer needs nothing later. ``packed`` (a ``Packed``) instead: ``raw``, ``u``, ``B``, ``C``,
+    ``z`` are (tokens, ...), the rows one after another without padding; with its
+    ``last_only``, ``y`` is (batch, inner), each row's output at its last step alone."""
 
     @staticmethod
     def forward(
@@ -89,10 +126,17 @@ class SelectiveScan(torch.autograd.Function):
         z: torch.Tensor,
         signed: bool,
         live: torch.Tensor | None = None,
+        packed: Packed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raw, u, B, C, A, D, h0, z = (t.contiguous() for t in (raw, u, B, C, A, D, h0, z))
-        rows, steps, inner = u.shape
-        dt, y_inner, y = (torch.empty_like(u) for _ in range(3))
+        if packed is None:
+            rows, steps, inner = u.shape
+            offsets, last_only = None, False
+        else:
+            rows, steps, inner = len(h0), packed.longest, u.shape[-1]
+            offsets, last_only = packed.offsets, packed.last_only
+        dt = torch.empty_like(u)
+        y_inner, y = (u.new_empty(rows, inner) if last_only else torch.empty_like(u) for _ in "yy")
         h_last = torch.empty_like(h0)
         if live is not None:
             live = live.to(torch.long).contiguous()
@@ -101,12 +145,15 @@ class SelectiveScan(torch.autograd.Function):
             steps,
             inner,
             int(signed),
-            *map(native.pointer, (raw, u, B, C, A, D, h0, z, live, dt, y_inner, y, h_last)),
+            *map(native.pointer, (raw, u, B, C, A, D, h0, z, live, offsets)),
+            int(last_only),
+            *map(native.pointer, (dt, y_inner, y, h_last)),
         )
         if status:
             raise MemoryError("selective_scan.c: no memory for the forward's buffer")
         ctx.save_for_backward(raw, dt, u, B, C, A, D, h0, z, y_inner)
-        ctx.signed, ctx.live = signed, live
+        ctx.signed, ctx.live, ctx.packed = signed, live, packed
+        ctx.shape = rows, steps, inner
         return y, h_last
 
     @staticmethod
@@ -114,19 +161,23 @@ class SelectiveScan(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, g_y: torch.Tensor, g_h_last: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         raw, dt, u, B, C, A, D, h0, z, y_inner = ctx.saved_tensors
-        rows, steps, inner = u.shape
+        rows, steps, inner = ctx.shape
+        packed = ctx.packed
+        offsets, last_only = (None, False) if packed is None else (packed.offsets, packed.last_only)
         g_y = g_y.contiguous()
         g_h_last = None if g_h_last is None else g_h_last.contiguous()
-        g_raw, g_u, g_z, g_h0 = (torch.empty_like(t) for t in (raw, u, z, h0))
-        g_B, g_C, g_A, g_D = (torch.zeros_like(t) for t in (B, C, A, D))
+        # every step's g_B and g_C are written (0 past a row's last live step); g_A, g_D summed into
+        g_raw, g_u, g_z, g_h0, g_B, g_C = map(torch.empty_like, (raw, u, z, h0, B, C))
+        g_A, g_D = torch.zeros_like(A), torch.zeros_like(D)
         status = scan_library(A.shape[0]).scan_backward(
             rows, steps, inner, int(ctx.signed),
-            *map(native.pointer, (raw, dt, u, B, C, A, D, h0, z, y_inner, ctx.live, g_y,
-                                  g_h_last, g_raw, g_u, g_B, g_C, g_A, g_D, g_h0, g_z)),
+            *map(native.pointer, (raw, dt, u, B, C, A, D, h0, z, y_inner, ctx.live, offsets)),
+            int(last_only),
+            *map(native.pointer, (g_y, g_h_last, g_raw, g_u, g_B, g_C, g_A, g_D, g_h0, g_z)),
         )  # fmt: skip
         if status:
             raise MemoryError("selective_scan.c: no memory for the backward's buffer")
-        return g_raw, g_u, g_B, g_C, g_A, g_D, g_h0, g_z, None, None
+        return g_raw, g_u, g_B, g_C, g_A, g_D, g_h0, g_z, None, None, None
 
 
 class RMSNorm(nn.Module):
@@ -193,20 +244,21 @@ class MambaMixer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, state: LayerState, live: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        state: LayerState,
+        live: torch.Tensor | None = None,
+        packed: Packed | None = None,
     ) -> tuple[torch.Tensor, LayerState]:
         """``live``: see ``SelectiveScan`` (the kernel stops each row there; without the kernel
-        every step is computed)."""
+        every step is computed). ``packed``: ``x`` is (tokens, d_model), a ``Packed`` batch
+        starting from the zero state (the kernel only)."""
         h0, tail = state
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        # causal depthwise convolution (cross-correlation, as nn.Conv1d), continuing from the
-        # previous chunk's last inputs; in (batch, time, inner), so no transposed copies
-        seq = torch.cat([tail, u], dim=1) if self.d_conv > 1 else u
-        weight, steps = self.conv1d.weight[:, 0], u.shape[1]  # (inner, d_conv)
-        conv = self.conv1d.bias + seq[:, :steps] * weight[:, 0]
-        for k in range(1, self.d_conv):
-            conv = conv + seq[:, k : k + steps] * weight[:, k]
-        new_tail = seq[:, seq.shape[1] - (self.d_conv - 1) :]
+        if packed is None:
+            conv, new_tail = self.convolve(u, tail)
+        else:
+            conv, new_tail = self.convolve_packed(u, packed)
         u = F.silu(conv)
         if self.selective:
             dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -215,13 +267,46 @@ class MambaMixer(nn.Module):
             B, C = self.B.expand(shape), self.C.expand(shape)
         raw = self.dt_proj(dt)  # (batch, time, inner); the step is softplus(raw)
         A = -torch.exp(self.A_log)
-        if kernel_applies(raw, u, B, C, z, A, self.D, h0):  # softplus and gate in the kernel too
+        if packed is not None or kernel_applies(raw, u, B, C, z, A, self.D, h0):
+            # softplus and gate in the kernel too
             y, h_last = SelectiveScan.apply(
-                raw, u, B, C, A.t(), self.D, h0.transpose(1, 2), z, self.signed, live
+                raw, u, B, C, A.t(), self.D, h0.transpose(1, 2), z, self.signed, live, packed
             )
             return self.out_proj(y), (h_last.transpose(1, 2), new_tail)
         y, h_last = self.scan(F.softplus(raw), u, B, C, A, h0)
         return self.out_proj(y * F.silu(z)), (h_last, new_tail)
+
+    def convolve(self, u: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal depthwise convolution (cross-correlation, as nn.Conv1d) of ``u`` (batch,
+        time, inner), continuing from the previous chunk's last inputs ``tail``; in (batch, time,
+        inner), so no transposed copies. Returns it and the next chunk's tail."""
+        seq = torch.cat([tail, u], dim=1) if self.d_conv > 1 else u
+        weight, steps = self.conv1d.weight[:, 0], u.shape[1]  # (inner, d_conv)
+        conv = self.conv1d.bias + seq[:, :steps] * weight[:, 0]
+        for k in range(1, self.d_conv):
+            conv = conv + seq[:, k : k + steps] * weight[:, k]
+        return conv, seq[:, seq.shape[1] - (self.d_conv - 1) :]
+
+    def convolve_packed(self, u: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+        """``convolve`` of packed strings (tokens, inner) from a zero tail: a token ``s`` steps
+        into its string sees no input from ``s + 1`` or more steps back (the same sums, in the
+        same order). The tail returned is each string's last ``d_conv - 1`` inputs."""
+        weight, width = self.conv1d.weight[:, 0], self.d_conv
+
+        def term(k: int) -> torch.Tensor:  # weight k reads the input width - 1 - k steps back
+            back = width - 1 - k
+            if back == 0:
+                return u * weight[:, k]
+            earlier = F.pad(u, (0, 0, back, 0))[: len(u)]
+            return earlier * (packed.position >= back).unsqueeze(1) * weight[:, k]
+
+        conv = self.conv1d.bias + term(0)
+        for k in range(1, width):
+            conv = conv + term(k)
+        back = torch.arange(width - 2, -1, -1, device=u.device)  # the tail's oldest first
+        index = packed.last.unsqueeze(1) - back
+        kept = index >= packed.offsets[:-1].unsqueeze(1)
+        return conv, u[index.clamp(min=0)] * kept.unsqueeze(-1)
 
     def scan(
         self,
@@ -256,11 +341,17 @@ class MambaLayer(nn.Module):
             self.norm = RMSNorm(d_model, eps)
 
     def forward(
-        self, x: torch.Tensor, state: LayerState, live: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        state: LayerState,
+        live: torch.Tensor | None = None,
+        packed: Packed | None = None,
     ) -> tuple[torch.Tensor, LayerState]:
         if not self.residual:
-            return self.mixer(x, state, live)
-        y, state = self.mixer(self.norm(x), state, live)
+            return self.mixer(x, state, live, packed)
+        y, state = self.mixer(self.norm(x), state, live, packed)
+        if packed is not None and packed.last_only:
+            x = x[packed.last]
         return x + y, state
 
 
@@ -348,11 +439,13 @@ class Mamba(nn.Module):
         answers: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[LayerState]]:
         """``answers`` (one position per string, for training under a loss read there): the
-        outputs at those positions, ``(batch, 1, hidden_size)``, with the same values; the scan
-        kernel stops each string at its answer (nothing later reaches it: every step is causal).
-        The state returned is then not for carrying on: the kernel's ``h`` is each string's at
-        its answer, the convolution's inputs the chunk's last. Inputs are not split into pieces
-        of ``PIECE`` steps then (training strings are short)."""
+        outputs at those positions, ``(batch, 1, hidden_size)``, with the same values (to float32
+        rounding); nothing after an answer is computed (nothing later reaches it: every step is
+        causal). From the zero state with the scan kernel, the strings run packed
+        (``read_answers``); otherwise the kernel stops each string at its answer. The state
+        returned is then not for carrying on: the kernel's ``h`` is each string's at its answer,
+        the convolution's inputs each string's last (packed) or the chunk's. Inputs are not split
+        into pieces of ``PIECE`` steps then (training strings are short)."""
         if answers is not None and (
             answers.shape != (x.shape[0],)
             or not 0 <= int(answers.min()) <= int(answers.max()) < x.shape[1]
@@ -367,6 +460,8 @@ class Mamba(nn.Module):
                 output, state = self(piece, state)
                 outputs.append(output)
             return torch.cat(outputs, dim=1), state
+        if answers is not None and state is None and self.packs(x):
+            return self.read_answers(x, answers)
         y = self.embedding(x)
         if state is None:
             state = [layer.mixer.initial_state(y) for layer in self.layers]
@@ -377,3 +472,23 @@ class Mamba(nn.Module):
         if answers is not None:
             y = y[torch.arange(len(y), device=y.device), answers].unsqueeze(1)
         return y, last
+
+    def packs(self, x: torch.Tensor) -> bool:
+        """Whether strings read to their answers run packed: through the scan kernel."""
+        d_state = self.layers[0].mixer.d_state
+        return native.runs_on_cpu_float32(x) and scan_library(d_state) is not None
+
+    def read_answers(
+        self, x: torch.Tensor, answers: torch.Tensor
+    ) -> tuple[torch.Tensor, list[LayerState]]:
+        """``forward(x, answers=...)`` from the zero state, packed (``Packed``): every
+        position-wise operation reads only the tokens up to each answer, and the last layer's
+        only the answers."""
+        packed = Packed.cut(answers, x.shape[1])
+        y = self.embedding(x[packed.mask])
+        last = []
+        for i, layer in enumerate(self.layers):
+            state = layer.mixer.initial_state(x)
+            y, state = layer(y, state, packed=packed._replace(last_only=i == self.num_layers - 1))
+            last.append(state)
+        return y.unsqueeze(1), last
