@@ -143,18 +143,27 @@ def test_the_c_scan_equals_the_pytorch_scan(signed: bool, read: str) -> None:
         torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-3, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_reading_the_answers_alone_gives_the_same_values_and_gradients(signed: bool) -> None:
+@pytest.mark.parametrize(
+    ("signed", "switches"),
+    [(True, {}), (False, {}), (True, {"selective": False, "skip": False, "residual": False})],
+)
+def test_reading_the_answers_alone_gives_the_same_values_and_gradients(
+    signed: bool, switches: dict
+) -> None:
     """``forward(x, answers=...)`` (training under the published loss) packs the strings cut at
     their answers, and the last layer reads only the answers: the outputs there and every
     gradient equal the full forward read at the answers, to float32 rounding (matrix products
     over fewer rows sum in another order; measured 1e-7 relative). Two layers and conv 4, so a
     later layer's steps past the answer, and the convolution across the strings' seams, are
-    shown to reach nothing."""
+    shown to reach nothing; also with the ablation's switches off (B and C fixed, no skip, no
+    norm or residual)."""
     if mamba.scan_library(16) is None:
         pytest.skip("no C compiler")
-    ours, _ = pair(signed, d_conv=4, num_layers=2)
-    ours.float()
+    torch.manual_seed(0)
+    ours = Mamba(1, 16, 2, eigenvalues="signed" if signed else "positive", d_conv=4, **switches)
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
     assert ours.reads_answers
     bits = torch.randint(0, 2, (5, 23, 1), generator=torch.Generator().manual_seed(4)).float()
     answers = torch.tensor([22, 0, 9, 3, 15])

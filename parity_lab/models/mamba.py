@@ -263,7 +263,7 @@ class MambaMixer(nn.Module):
         if self.selective:
             dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         else:
-            dt, shape = self.x_proj(u), (*u.shape[:2], self.d_state)
+            dt, shape = self.x_proj(u), (*u.shape[:-1], self.d_state)
             B, C = self.B.expand(shape), self.C.expand(shape)
         raw = self.dt_proj(dt)  # (batch, time, inner); the step is softplus(raw)
         A = -torch.exp(self.A_log)
