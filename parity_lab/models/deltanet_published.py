@@ -46,6 +46,7 @@ from torch.nn import functional as F
 from parity_lab import EIGENVALUES
 from parity_lab.models import native
 from parity_lab.models.classifier import in_chunks
+from parity_lab.models.packing import Packed
 
 NORM_EPS = 1e-6  # their DeltaNetConfig.norm_eps, used by every RMSNorm of the model
 L2_EPS = 1e-6  # their l2 norm of q and k
@@ -241,6 +242,42 @@ class DeltaNetBlock(nn.Module):
         o = F.rms_norm(o.transpose(1, 2), (self.head_dim,), self.o_norm, NORM_EPS)
         return x + self.o_proj(o.reshape(batch, steps, self.size)), cache, memory
 
+    def mix_packed(
+        self, x: torch.Tensor, packed: Packed
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``mix`` of packed strings ``x`` (tokens, size) from the zero state: the same
+        operations on the tokens alone, the projection before the convolution (rather than
+        folded into it). Only the delta rule runs on the padded (time, d, batch x heads) layout
+        (the padding's k and beta are 0: it leaves ``S`` as it is). With ``last_only`` the
+        output is each string's at its answer alone, (batch, size)."""
+        batch, steps = len(packed.last), packed.longest
+        h = F.rms_norm(x, (self.size,), self.attn_norm, NORM_EPS)
+        qkv = packed.convolve(self.qkv(h), self.conv)
+        q, k, v = F.silu(qkv).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2_EPS) * self.head_dim**-0.5
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2_EPS)
+        beta = self.scale * torch.sigmoid(self.b_proj(h)).unsqueeze(-1)  # (tokens, heads, 1)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # (tokens, heads, d) -> (time, d, n)
+            out = t.new_zeros(steps, t.shape[-1], batch, self.num_heads)
+            out[packed.position, :, packed.row] = t.transpose(1, 2)
+            return out.view(steps, t.shape[-1], batch * self.num_heads)
+
+        memory = x.new_zeros(self.head_dim, self.head_dim, batch * self.num_heads)
+        o, memory = DeltaRule.apply(padded(q), padded(k), padded(v), padded(beta), memory)
+        o = o.view(steps, self.head_dim, batch, self.num_heads)
+        if packed.last_only:
+            rows = torch.arange(batch, device=x.device)
+            o, x = o[packed.position[packed.last], :, rows], x[packed.last]
+        else:
+            o = o[packed.position, :, packed.row]
+        o = F.rms_norm(o.transpose(1, 2), (self.head_dim,), self.o_norm, NORM_EPS)
+        memory = memory.view(self.head_dim, self.head_dim, batch, self.num_heads).permute(
+            2, 3, 0, 1
+        )
+        cache = packed.tail(h, self.conv.shape[1] - 1)
+        return x + self.o_proj(o.reshape(len(o), self.size)), cache, memory
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream after the SwiGLU MLP (position by position)."""
         gate, up = self.gate_proj(F.rms_norm(x, (self.size,), self.mlp_norm, NORM_EPS)).chunk(2, -1)
@@ -310,7 +347,10 @@ class DeltaNetPublished(nn.Module):
     ) -> tuple[torch.Tensor, State]:
         """``answers`` (one position per string, for training under a loss read there): the
         outputs at those positions only, ``(batch, 1, hidden_size)``; the last block's MLP and
-        the final norm, which work position by position, then run on those positions alone."""
+        the final norm, which work position by position, then run on those positions alone.
+        From the zero state the strings run packed (``read_answers``)."""
+        if answers is not None and state is None:
+            return self.read_answers(x, answers)
         if answers is None and x.shape[1] > self.eval_chunk_len:
             return in_chunks(self, x, state, self.eval_chunk_len)
         if self.embed is not None:
@@ -326,3 +366,22 @@ class DeltaNetPublished(nn.Module):
             new_memories.append(memory)
         outputs = F.rms_norm(x, (self.hidden_size,), self.norm, NORM_EPS)
         return outputs, (torch.stack(new_caches), torch.stack(new_memories))
+
+    def read_answers(self, x: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """``forward(x, answers=...)`` from the zero state, packed (``Packed``): each string cut
+        at its answer, the position-wise work on its tokens alone, the last block's output,
+        MLP and norm at the answers alone. The state returned is each string's at its answer."""
+        packed = Packed.cut(answers, x.shape[1])
+        x = x[packed.mask]
+        if self.embed is not None:
+            x = self.embed(x)
+        caches, memories = [], []
+        for i, layer in enumerate(self.layers):
+            x, cache, memory = layer.mix_packed(
+                x, packed._replace(last_only=i == self.num_layers - 1)
+            )
+            x = layer.mlp(x)
+            caches.append(cache)
+            memories.append(memory)
+        outputs = F.rms_norm(x, (self.hidden_size,), self.norm, NORM_EPS).unsqueeze(1)
+        return outputs, (torch.stack(caches), torch.stack(memories))

@@ -24,10 +24,9 @@ reads its bias and bit 1 bias + weight, a 2-row table whose second row starts at
 The selective scan runs in ``kernels/selective_scan.c`` (CPU float32; one call per chunk forward
 and one backward, every state kept in registers: PyTorch spends ~250 ms a training step moving
 tensors of (batch, time, channels, states) through memory), with the step's softplus and the
-output gate ``silu(z)``. Training under a loss read at the answer packs the strings, each cut
-after its answer, end to end (``Packed``): the position-wise work skips the padding (about 45%
-of a batch of 2..39 bits padded to 40 steps), and the last layer computes its output at the
-answers alone. Elsewhere (float64, GPU, no C
+output gate ``silu(z)``. Training under a loss read at the answer runs packed
+(``parity_lab.models.packing``): the position-wise work skips the padding, and the last layer
+computes its output at the answers alone. Elsewhere (float64, GPU, no C
 compiler, ``PARITY_LAB_NATIVE=0``) it is ``linear_scan`` over the ``expand * d_model * d_state``
 states, the reference the tests hold the kernel to. Both multiply and add only: exact for signed
 transitions. The state carried between chunks is, per layer, the last
@@ -38,7 +37,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -47,32 +45,10 @@ from torch.nn import functional as F
 from parity_lab import EIGENVALUES
 from parity_lab.models import native
 from parity_lab.models.linear_rnn import PIECE, linear_scan
+from parity_lab.models.packing import Packed
 
 # One layer's state: h (batch, d_inner, d_state), last convolution inputs (batch, k-1, d_inner).
 LayerState = tuple[torch.Tensor, torch.Tensor]
-
-
-class Packed(NamedTuple):
-    """A batch read to its answers, packed: each string cut after its answer (a loss read there
-    needs nothing later, and every step is causal) and the pieces laid end to end, so that
-    position-wise work (projections, norms, SiLU) skips the padding. Row ``r`` is the tokens
-    ``offsets[r]`` to ``offsets[r + 1] - 1``; ``last_only``: a layer's output is wanted at each
-    row's last token alone (the last layer's)."""
-
-    mask: torch.Tensor  # (batch, time): the tokens kept
-    offsets: torch.Tensor  # (batch + 1,) int64
-    position: torch.Tensor  # (tokens,) each token's step within its string
-    last: torch.Tensor  # (batch,) each row's last token
-    longest: int
-    last_only: bool = False
-
-    @classmethod
-    def cut(cls, answers: torch.Tensor, steps: int) -> Packed:
-        lengths = answers.long() + 1
-        mask = torch.arange(steps, device=answers.device) < lengths.unsqueeze(1)
-        offsets = F.pad(lengths.cumsum(0), (1, 0))
-        position = torch.arange(steps, device=answers.device).expand_as(mask)[mask]
-        return cls(mask, offsets, position, offsets[1:] - 1, int(lengths.max()))
 
 
 def scan_library(d_state: int) -> ctypes.CDLL | None:
@@ -258,7 +234,8 @@ class MambaMixer(nn.Module):
         if packed is None:
             conv, new_tail = self.convolve(u, tail)
         else:
-            conv, new_tail = self.convolve_packed(u, packed)
+            conv = packed.convolve(u, self.conv1d.weight[:, 0], self.conv1d.bias)
+            new_tail = packed.tail(u, self.d_conv - 1)
         u = F.silu(conv)
         if self.selective:
             dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -286,27 +263,6 @@ class MambaMixer(nn.Module):
         for k in range(1, self.d_conv):
             conv = conv + seq[:, k : k + steps] * weight[:, k]
         return conv, seq[:, seq.shape[1] - (self.d_conv - 1) :]
-
-    def convolve_packed(self, u: torch.Tensor, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
-        """``convolve`` of packed strings (tokens, inner) from a zero tail: a token ``s`` steps
-        into its string sees no input from ``s + 1`` or more steps back (the same sums, in the
-        same order). The tail returned is each string's last ``d_conv - 1`` inputs."""
-        weight, width = self.conv1d.weight[:, 0], self.d_conv
-
-        def term(k: int) -> torch.Tensor:  # weight k reads the input width - 1 - k steps back
-            back = width - 1 - k
-            if back == 0:
-                return u * weight[:, k]
-            earlier = F.pad(u, (0, 0, back, 0))[: len(u)]
-            return earlier * (packed.position >= back).unsqueeze(1) * weight[:, k]
-
-        conv = self.conv1d.bias + term(0)
-        for k in range(1, width):
-            conv = conv + term(k)
-        back = torch.arange(width - 2, -1, -1, device=u.device)  # the tail's oldest first
-        index = packed.last.unsqueeze(1) - back
-        kept = index >= packed.offsets[:-1].unsqueeze(1)
-        return conv, u[index.clamp(min=0)] * kept.unsqueeze(-1)
 
     def scan(
         self,
