@@ -182,8 +182,8 @@ def test_lstm_kernel_runs_when_it_applies(monkeypatch) -> None:
 
 
 def test_kernel_builds_are_keyed_by_their_source(monkeypatch, tmp_path) -> None:
-    """A cached build is found again unchanged; an edited kernel source builds anew, so no
-    stale library outlives the code it was built from."""
+    """A cached build is found again unchanged; an edited kernel source, or an edited header
+    beside it, builds anew, so no stale library outlives the code it was built from."""
     if native.load("lstm", 4) is None:
         pytest.skip("no C compiler")
     kernels = tmp_path / "kernels"
@@ -198,7 +198,10 @@ def test_kernel_builds_are_keyed_by_their_source(monkeypatch, tmp_path) -> None:
     source.write_text(source.read_text() + "\n/* an edit */\n")
     second = native.build("lstm", 2)
     assert second != first and native.cached(second) and native.cached(first)
-    assert native.build("lstm", 3) not in (first, second)  # and by hidden size
+    (kernels / "fast_math.h").write_text("/* a header the kernels include, edited */\n")
+    third = native.build("lstm", 2)
+    assert third not in (first, second) and native.cached(third)  # and by the headers
+    assert native.build("lstm", 3) not in (first, second, third)  # and by hidden size
 
 
 def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path) -> None:

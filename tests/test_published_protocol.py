@@ -102,14 +102,20 @@ def test_tokens_head_reads_parity_as_the_difference_of_the_bit_scores() -> None:
         # reads the answer only (reads_answers): the last block's MLP and norm at the answer
         ["model=deltanet_published_signed", "model.hidden_size=8", "model.num_layers=2"],
         ["model=xlstm_mlstm", "model.hidden_size=8", "model.num_layers=2"],
+        ["model=xlstm_slstm", "model.hidden_size=8", "model.num_layers=2", "model.conv_size=4"],
     ],
 )
 def test_training_loss_is_cross_entropy_of_three_classes_at_the_answer(
     overrides: list[str],
 ) -> None:
+    """In float64, where the answer-only paths (packed for DeltaNet) and the full forward agree
+    to rounding; in float32 the gradients of these small random models lose up to 6e-4 of the
+    largest to rounding in either path (measured against float64 over 20 seeds)."""
     cfg = compose_config("experiment=state_tracking", *overrides)
-    module = _module(cfg)
+    torch.manual_seed(0)
+    module = _module(cfg).double()
     batch = ParityStream(0, 2, 9, 16, None, "pair").batch(0)
+    batch = batch._replace(x=batch.x.double())
     loss = module.training_step(batch, 0)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in module.named_parameters()}
@@ -123,10 +129,10 @@ def test_training_loss_is_cross_entropy_of_three_classes_at_the_answer(
     answer = scores[rows, batch.lengths - 1]
     target = 1 + batch.targets[rows, batch.lengths - 1].long()
     reference = F.cross_entropy(answer, target)
-    assert torch.allclose(loss, reference, atol=1e-6)
+    assert torch.allclose(loss, reference, atol=1e-12)
     reference.backward()
     for name, parameter in module.named_parameters():
-        torch.testing.assert_close(grads[name], parameter.grad, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(grads[name], parameter.grad, atol=1e-12, rtol=1e-9, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -83,8 +83,9 @@ def build(name: str, hidden: int) -> Path:
     errors = []
     for flags in FLAGS:
         flags = [*flags, f"-DHIDDEN={hidden}"]
+        headers = [header.read_text() for header in sorted(KERNELS.glob("*.h"))]
         key = hashlib.sha256(
-            "\0".join([source.read_text(), *compiler, *flags, cpu_signature()]).encode()
+            "\0".join([source.read_text(), *headers, *compiler, *flags, cpu_signature()]).encode()
         ).hexdigest()[:16]
         library = cache_dir() / f"{name}-h{hidden}-{key}.so"
         if cached(library):

@@ -259,19 +259,33 @@ class SLSTMBlock(nn.Module):
         else:
             x_conv = x
 
-        def heads(y: torch.Tensor) -> torch.Tensor:
-            return y.transpose(0, 1).unflatten(-1, (self.num_heads, -1))
+        # the head-wise weights as block-diagonal matrices: one dense matmul each, the bias
+        # added in it (the zero blocks add exact zeros), where head-wise einsums, their
+        # permuting copies and a concatenation cost 20% of a training step
+        weight, bias, half = self.block_diagonal(self.weight_x), self.bias.flatten(), 2 * self.size
+        x, x_conv = x.transpose(0, 1), x_conv.transpose(0, 1)
+        if not self.conv_size:
+            return F.linear(x, weight, bias), cache
+        # i and f read the convolution, z and o the input
+        if_gates = F.linear(x_conv, weight[:half], bias[:half])
+        return torch.cat([if_gates, F.linear(x, weight[half:], bias[half:])], -1), cache
 
-        if_gates = torch.einsum("tbhd,ghod->tbgho", heads(x_conv), self.weight_x[:2])
-        zo_gates = torch.einsum("tbhd,ghod->tbgho", heads(x), self.weight_x[2:])
-        return (torch.cat([if_gates, zo_gates], 2) + self.bias).flatten(2), cache
+    def block_diagonal(self, weight: torch.Tensor) -> torch.Tensor:
+        """Head-wise gate weights ``(4, heads, d, d)`` as one block-diagonal ``(4 size, size)``
+        matrix, rows in the order gate, head, output."""
+        eye = torch.eye(self.num_heads, dtype=weight.dtype, device=weight.device)
+        return torch.einsum("ghoi,hk->ghoki", weight, eye).reshape(4 * self.size, self.size)
 
     def recurrent_matrix(self) -> torch.Tensor:
         """``R`` as one block-diagonal ``(4 size, size)`` matrix: one matmul per step."""
-        eye = torch.eye(self.num_heads, dtype=self.recurrent.dtype, device=self.recurrent.device)
-        return torch.einsum("ghoi,hk->ghoki", self.recurrent, eye).reshape(4 * self.size, self.size)
+        return self.block_diagonal(self.recurrent)
 
-    def forward(self, x: torch.Tensor, state: SLSTMState) -> tuple[torch.Tensor, SLSTMState]:
+    def forward(
+        self, x: torch.Tensor, state: SLSTMState, answers: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, SLSTMState]:
+        """With ``answers`` (one position per string): the output at those positions only,
+        (batch, 1, size); the recurrence still runs every step (its final state is returned),
+        the norm, residual and feed-forward after it only at the answers."""
         y, c, n, m, cache = state
         gates_x, cache = self.gate_inputs(layer_norm(x, self.xlstm_norm), cache)
         recurrent = self.recurrent_matrix().t()
@@ -280,6 +294,9 @@ class SLSTMBlock(nn.Module):
             outputs, y, c, n, m = FusedSLSTM.apply(gates_x, recurrent, y, c, n, m, fresh)
         else:
             outputs, (y, c, n, m) = self.recurrence(gates_x, recurrent, (y, c, n, m), fresh)
+        if answers is not None:
+            rows = torch.arange(len(answers), device=x.device)
+            x, outputs = x[rows, answers].unsqueeze(1), outputs[answers, rows].unsqueeze(0)
         x = x + head_norm(outputs.transpose(0, 1), self.group_norm, self.num_heads)
         return x + self.ffn(layer_norm(x, self.ffn_norm)), (y, c, n, m, cache)
 
@@ -451,7 +468,8 @@ class XLSTMStack(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``answers`` (where the stack ``reads_answers``): the outputs at one position per
         string, (batch, 1, hidden_size), the last block computing only those; the state
-        returned is then the last block's input state, not its new one (training reads none)."""
+        returned is then not for carrying on (training reads none): the mLSTM's last block
+        returns its input state, the sLSTM's its state after every step of the batch."""
         if self.embed is not None:
             x = self.embed(x)
         if state is None:
@@ -470,6 +488,8 @@ class XLSTMStack(nn.Module):
 class SLSTMPublished(XLSTMStack):
     """xLSTM[0:1]: published sLSTM blocks. State ``(y, c, n, m)``, each ``(num_layers, batch,
     hidden_size)``, and the conv caches ``(num_layers, batch, conv_size - 1, hidden_size)``."""
+
+    reads_answers = True  # forward(x, answers=...): see XLSTMStack.forward
 
     def __init__(
         self,

@@ -16,17 +16,21 @@
  */
 #include <math.h>
 
+#include "fast_math.h"
+
 #define D HIDDEN
 #define G (4 * HIDDEN)
 
-/* exp's argument is clamped: no overflow to infinity (the build uses -ffast-math). Only exp and
- * log are called, which vectorise (glibc's libmvec); tanh and log1p would not. */
-static inline float exp_(float x) { return expf(fminf(x, 80.0f)); }
+/* Every transcendental function through fast_math.h's exp and log1p, inline (libmvec's calls,
+ * one per 8 floats, were most of a step at D = 16); exp's argument is clamped there, so nothing
+ * overflows to infinity (the build uses -ffast-math). */
+static inline float exp_(float x) { return fast_exp(x); }
 static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_(-x)); }
 static inline float tanh_(float x) { return 2.0f * sigmoid(2.0f * x) - 1.0f; }
-/* torch's log_sigmoid, min(x, 0) - log1p(exp(-|x|)), with log(1 + e) for log1p(e): at most
- * 6e-8 apart, where e < 2^-24 */
-static inline float log_sigmoid(float x) { return fminf(x, 0.0f) - logf(1.0f + expf(-fabsf(x))); }
+/* torch's log_sigmoid, min(x, 0) - log1p(exp(-|x|)) */
+static inline float log_sigmoid(float x) {
+    return fminf(x, 0.0f) - fast_log1p_unit(fast_exp(-fabsf(x)));
+}
 
 /* raw = gx + y r_t for one row */
 static inline void gates(float *restrict raw, const float *restrict gx, const float *restrict y,
