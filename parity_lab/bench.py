@@ -91,6 +91,15 @@ def make_parser() -> Parser:
         "repeatable): its model/*.yaml can be timed, in --models, --eval-model and "
         "--solve-overrides",
     )
+    add(
+        "--experiment",
+        default=None,
+        metavar="NAME",
+        help="time the training step of conf/experiment/NAME.yaml instead (e.g. state_tracking, "
+        "the published protocol): its batch, lengths, encoding, loss and optimizer with its "
+        "parameter groups, through ParityModule.training_step; --batch, --min-len and "
+        "--max-len are then the experiment's",
+    )
     add("--batch", type=positive, default=128, help="strings per training step")
     add("--min-len", type=positive, default=1, help="shortest string of the timed batches")
     add("--max-len", type=positive, nargs="+", default=[20], help="one or more max_len to time")
@@ -186,6 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for setting in args.eval_model:
         if setting.split(",")[0] not in known:
             parser.error(f"--eval-model {setting!r}: the name before ',' must be one of {known}")
+    experiments = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+    if args.experiment is not None and args.experiment not in experiments:
+        parser.error(f"--experiment {args.experiment!r}: not an experiment; they are {experiments}")
     return args
 
 
@@ -195,7 +207,7 @@ if __name__ == "__main__":  # --help and usage errors answer before the seconds 
 import torch
 from torch import nn
 
-from parity_lab.data import ParityStream, eval_set, key_generator, sample_bits
+from parity_lab.data import ParityBatch, ParityStream, eval_set, key_generator, sample_bits
 from parity_lab.models import manual
 from parity_lab.models.manual import ManualLSTM, ManualRecurrent
 
@@ -244,10 +256,14 @@ def make_training_step(
     overrides += searchpath_override(args.searchpath)
     if args.compile:
         overrides.append(f"model.compile={args.compile}")
+    if args.experiment:
+        overrides.insert(0, f"experiment={args.experiment}")
     cfg = compose(*overrides)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device).train()
+    if args.experiment:
+        return experiment_step(model, cfg, max_len, args)
     loss_fn = instantiate(cfg.loss)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     stream = ParityStream(0, args.min_len, max_len, args.batch, None, "bit")
@@ -260,6 +276,38 @@ def make_training_step(
         last = (lengths - 1).unsqueeze(1)
         final = model(x, lengths).gather(1, last).squeeze(1)
         loss = loss_fn(final, targets.gather(1, last).squeeze(1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def experiment_step(
+    model: torch.nn.Module, cfg: Any, max_len: int, args: argparse.Namespace
+) -> Callable[[], None]:
+    """A training step as an experiment's runs take it: ``ParityModule.training_step`` (its loss,
+    e.g. the published one at the answer alone) and the optimizer ``configure_optimizers`` builds
+    (parameter groups, per-family decay), on fixed batches of the experiment's strings. The
+    learning-rate schedule is left out: it changes the numbers, not the work."""
+    from hydra.utils import instantiate
+
+    from parity_lab.module import ParityModule
+
+    device = torch.device(args.device)
+    module = ParityModule(
+        model, instantiate(cfg.loss), instantiate(cfg.optimizer), cfg.data.supervision, ["val"]
+    )
+    module.log = module.log_dict = lambda *_, **__: None  # type: ignore[method-assign]
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    stream = ParityStream(0, args.min_len, max_len, args.batch, None, cfg.data.encoding)
+    batches = [ParityBatch(*(t.to(device) for t in stream.batch(i))) for i in range(4)]
+    index = [0]
+
+    def step() -> None:
+        loss = module.training_step(batches[index[0] % len(batches)], index[0])
+        index[0] += 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -649,6 +697,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwritten to {args.output}")
         return results
+    if args.experiment:  # its strings, not the command line's
+        data = compose(f"experiment={args.experiment}").data
+        args.batch, args.min_len, args.max_len = data.batch_size, data.min_len, [data.max_len]
     throughput = [row for n in args.max_len for row in training_step_ms(args.models, n, args)]
     results["throughput"] = throughput
     results["ratios"] = ratios(throughput)

@@ -66,6 +66,35 @@ def test_bench_writes_every_section(tmp_path: Path) -> None:
     assert results["evaluation"][0]["share_of_peak"] > 0
 
 
+def test_bench_times_an_experiments_own_training_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--experiment state_tracking`` times the published protocol's step: its strings (batch
+    256 of 2..39 bits, whatever --batch and --max-len say) through ``training_step``, the loss
+    at the answer, and the optimizer ``configure_optimizers`` builds (AdamW)."""
+    from parity_lab.module import ParityModule
+
+    seen: list[tuple[int, int]] = []
+    step = ParityModule.training_step
+
+    def spy(self: ParityModule, batch, index: int):  # noqa: ANN001, ANN202
+        seen.append((len(batch.x), int(batch.lengths.min()), int(batch.lengths.max())))
+        return step(self, batch, index)
+
+    monkeypatch.setattr(ParityModule, "training_step", spy)
+    output = tmp_path / "bench.json"
+    bench.main(
+        ["--experiment", "state_tracking", "--models", "mamba_signed", "--batch", "4"]
+        + ["--max-len", "5", "--warmup", "1", "--repeats", "1", "--steps", "1"]
+        + ["--solve-seeds", "0", "--notebook-seeds", "0", "--no-breakdown"]
+        + ["--output", str(output)]
+    )
+    (row,) = json.loads(output.read_text())["throughput"]
+    assert (row["model"], row["max_len"]) == ("mamba_signed", 39)
+    assert len(seen) == 2 and all(rows == 256 for rows, _, _ in seen)
+    assert min(low for _, low, _ in seen) >= 2 and max(high for _, _, high in seen) <= 39
+
+
 def test_ratios_pair_twins_and_the_derived_backward() -> None:
     rows = [
         {"model": m, "max_len": n, "ms_per_step": ms}
@@ -191,6 +220,7 @@ def test_bench_startup_times_whole_processes_against_import_torch(tmp_path: Path
         (["--max-len", "0"], "argument --max-len: '0' is not an integer >= 1"),
         (["--batch", "x"], "argument --batch: 'x' is not an integer >= 1"),
         (["--min-len", "30", "--max-len", "50", "20"], "--min-len 30 is longer than --max-len 20"),
+        (["--experiment", "published"], "--experiment 'published': not an experiment; they are"),
     ],
 )
 def test_bench_refuses_bad_sizes_in_one_line(
@@ -199,4 +229,4 @@ def test_bench_refuses_bad_sizes_in_one_line(
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     (line,) = capsys.readouterr().err.strip().splitlines()  # one line, the usage not repeated
-    assert line.endswith(f"{message} (see --help)")
+    assert message in line and line.endswith("(see --help)")
