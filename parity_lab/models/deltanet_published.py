@@ -72,8 +72,13 @@ def conv_projection(
     kernel = conv.shape[1]
     full = torch.cat([cache, h], dim=1)
     window = full.unfold(1, kernel, 1).reshape(batch, steps, size * kernel)  # (..., size, K)
-    folded = (weight.unsqueeze(2) * conv.unsqueeze(1)).reshape(weight.shape[0], size * kernel)
-    return window @ folded.t(), full[:, full.shape[1] - (kernel - 1) :]
+    return window @ fold(weight, conv).t(), full[:, full.shape[1] - (kernel - 1) :]
+
+
+def fold(weight: torch.Tensor, conv: torch.Tensor) -> torch.Tensor:
+    """The projection ``weight`` (channels, size) and the convolution ``conv`` (channels, K) as
+    one (channels, size K) matrix for a window of K inputs: ``conv[c, j] W[c, :]``."""
+    return (weight.unsqueeze(2) * conv.unsqueeze(1)).flatten(1)
 
 
 def delta_library(d_k: int) -> Any:
@@ -246,13 +251,15 @@ class DeltaNetBlock(nn.Module):
         self, x: torch.Tensor, packed: Packed
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``mix`` of packed strings ``x`` (tokens, size) from the zero state: the same
-        operations on the tokens alone, the projection before the convolution (rather than
-        folded into it). Only the delta rule runs on the padded (time, d, batch x heads) layout
-        (the padding's k and beta are 0: it leaves ``S`` as it is). With ``last_only`` the
-        output is each string's at its answer alone, (batch, size)."""
+        operations on the tokens alone. Only the delta rule runs on the padded (time, d, batch x
+        heads) layout (the padding's k and beta are 0: it leaves ``S`` as it is). With
+        ``last_only`` the output is each string's at its answer alone, (batch, size)."""
         batch, steps = len(packed.last), packed.longest
         h = F.rms_norm(x, (self.size,), self.attn_norm, NORM_EPS)
-        qkv = packed.convolve(self.qkv(h), self.conv)
+        # the convolution folded into the projection, as conv_projection does it
+        qkv = (
+            packed.windows(h, self.conv.shape[1]).flatten(1) @ fold(self.qkv.weight, self.conv).t()
+        )
         q, k, v = F.silu(qkv).view(-1, 3, self.num_heads, self.head_dim).unbind(1)
         q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + L2_EPS) * self.head_dim**-0.5
         k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + L2_EPS)

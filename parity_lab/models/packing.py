@@ -49,17 +49,23 @@ class Packed(NamedTuple):
         Summed in the order of the padded forms (bias first, then weights 0..K-1)."""
         width = weight.shape[1]
 
-        def term(j: int) -> torch.Tensor:
-            back = width - 1 - j
-            if back == 0:
-                return u * weight[:, j]
-            earlier = F.pad(u, (0, 0, back, 0))[: len(u)]
-            return earlier * (self.position >= back).unsqueeze(1) * weight[:, j]
-
-        out = term(0) if bias is None else bias + term(0)
+        out = self.earlier(u, width - 1) * weight[:, 0]
+        out = out if bias is None else bias + out
         for j in range(1, width):
-            out = out + term(j)
+            out = out + self.earlier(u, width - 1 - j) * weight[:, j]
         return out
+
+    def earlier(self, u: torch.Tensor, back: int) -> torch.Tensor:
+        """Each token's input ``back`` steps before it in its string (0 before its start)."""
+        if back == 0:
+            return u
+        shifted = F.pad(u, (0, 0, back, 0))[: len(u)]
+        return shifted * (self.position >= back).unsqueeze(1)
+
+    def windows(self, u: torch.Tensor, size: int) -> torch.Tensor:
+        """Each token's last ``size`` inputs, oldest first, zeros before its string's start:
+        (tokens, channels, size), as ``unfold`` gives them over a zero-padded string."""
+        return torch.stack([self.earlier(u, size - 1 - j) for j in range(size)], dim=-1)
 
     def tail(self, u: torch.Tensor, size: int) -> torch.Tensor:
         """Each string's last ``size`` inputs of ``u`` (tokens, channels), oldest first, zeros
