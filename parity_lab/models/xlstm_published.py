@@ -66,6 +66,7 @@ from torch.nn import functional as F
 
 from parity_lab.models import native
 from parity_lab.models.classifier import in_chunks
+from parity_lab.models.packing import Packed
 
 LN_EPS = 1e-5  # xLSTM's LayerNorm and MultiHeadLayerNorm
 MLSTM_EPS = 1e-6  # added to the mLSTM's normaliser
@@ -363,8 +364,11 @@ def mlstm_parallel(
     m = torch.maximum(log_d.amax(-1), log_carried)
     decay = torch.exp(log_d - m.unsqueeze(-1))
     carried = torch.exp(log_carried - m).unsqueeze(-1)  # (B, H, t, 1)
-    k = k / math.sqrt(k.shape[-1])
-    weights = (q @ k.transpose(-2, -1)) * decay
+    if answers is None:
+        k = k / math.sqrt(k.shape[-1])
+        weights = (q @ k.transpose(-2, -1)) * decay
+    else:  # the same product, scaled on the one row of q rather than on every row of k
+        weights = ((q / math.sqrt(k.shape[-1])) @ k.transpose(-2, -1)) * decay
     total = weights.sum(-1, keepdim=True) + carried * (q @ normaliser.unsqueeze(-1))
     scale = torch.maximum(total.abs(), torch.exp(-m).unsqueeze(-1)) + MLSTM_EPS
     h = (weights @ v + carried * (q @ memory)) / scale
@@ -418,9 +422,8 @@ class MLSTMBlock(nn.Module):
         x_m, z = self.proj_up(layer_norm(x, self.xlstm_norm)).split(self.inner, dim=-1)
         x_conv, cache = causal_conv(x_m, self.conv_weight, self.conv_bias, cache)
         x_conv = F.silu(x_conv)
-        q, k = headwise(x_conv, self.qkv_weight[0]), headwise(x_conv, self.qkv_weight[1])
-        v = headwise(x_m, self.qkv_weight[2])
-        i_raw, f_raw = self.gates(torch.cat([q, k, v], -1)).transpose(1, 2).chunk(2, dim=1)
+        q, k, v, gates = self.heads_and_gates(x_conv, x_m)
+        i_raw, f_raw = gates.transpose(1, 2).chunk(2, dim=1)
 
         def heads(y: torch.Tensor) -> torch.Tensor:  # (B, T, H d) -> (B, H, T, d)
             return y.view(batch, steps, self.num_heads, -1).transpose(1, 2)
@@ -433,16 +436,69 @@ class MLSTMBlock(nn.Module):
 
             h, _ = mlstm_parallel(heads(q), heads(k), heads(v), i_raw, f_raw,
                                   (memory, normaliser, m), answers)  # fmt: skip
-            h = head_norm(h.transpose(1, 2).reshape(batch, 1, -1), self.outnorm, self.num_heads)
-            out = self.proj_down((h + self.skip * at(x_conv)) * F.silu(at(z)))
-            return at(x) + out, state
+            return self.output(
+                h.transpose(1, 2).reshape(batch, 1, -1), at(x), at(x_conv), at(z)
+            ), state
 
         h, (memory, normaliser, m) = mlstm_parallel(
             heads(q), heads(k), heads(v), i_raw, f_raw, (memory, normaliser, m)
         )
-        h = head_norm(h.transpose(1, 2).reshape(batch, steps, -1), self.outnorm, self.num_heads)
-        out = self.proj_down((h + self.skip * x_conv) * F.silu(z))
-        return x + out, (memory, normaliser, m, cache)
+        h = h.transpose(1, 2).reshape(batch, steps, -1)
+        return self.output(h, x, x_conv, z), (memory, normaliser, m, cache)
+
+    def heads_and_gates(
+        self, x_conv: torch.Tensor, x_m: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q and k (head-wise from the convolution), v (head-wise from the input), and the
+        gates' pre-activations from the three."""
+        q, k = headwise(x_conv, self.qkv_weight[0]), headwise(x_conv, self.qkv_weight[1])
+        v = headwise(x_m, self.qkv_weight[2])
+        return q, k, v, self.gates(torch.cat([q, k, v], -1))
+
+    def output(
+        self, h: torch.Tensor, x: torch.Tensor, x_conv: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
+        """The residual stream after the block, from the cell's ``h~`` (..., inner)."""
+        h = head_norm(h, self.outnorm, self.num_heads)
+        return x + self.proj_down((h + self.skip * x_conv) * F.silu(z))
+
+    def forward_packed(
+        self, x: torch.Tensor, state: MLSTMState, packed: Packed
+    ) -> tuple[torch.Tensor, MLSTMState]:
+        """``forward`` of packed strings ``x`` (tokens, size) from the zero state: the position-wise
+        work on the tokens alone, the parallel form on the padded (batch, heads, time, d) layout
+        (the padding comes after each string's tokens: nothing causal reads it). With
+        ``last_only``, the output at each string's answer alone, (batch, size), and ``state`` as
+        given; otherwise every token's and the memory after the padded strings."""
+        batch, steps = len(packed.last), packed.longest
+        x_m, z = self.proj_up(layer_norm(x, self.xlstm_norm)).split(self.inner, dim=-1)
+        x_conv = F.silu(packed.convolve(x_m, self.conv_weight, self.conv_bias))
+        q, k, v, gates = self.heads_and_gates(x_conv, x_m)
+
+        def padded(y: torch.Tensor) -> torch.Tensor:  # (tokens, C) -> (batch, time, C)
+            out = y.new_zeros(batch, steps, y.shape[-1])
+            out[packed.mask[:, :steps]] = y
+            return out
+
+        def heads(y: torch.Tensor) -> torch.Tensor:  # (tokens, H d) -> (B, H, T, d)
+            return padded(y).view(batch, steps, self.num_heads, -1).transpose(1, 2)
+
+        i_raw, f_raw = padded(gates).transpose(1, 2).chunk(2, dim=1)
+        memory, normaliser, m, cache = state
+        if packed.last_only:
+            answers = packed.position[packed.last]
+            h, _ = mlstm_parallel(heads(q), heads(k), heads(v), i_raw, f_raw,
+                                  (memory, normaliser, m), answers)  # fmt: skip
+            last = packed.last
+            return self.output(
+                h.transpose(1, 2).reshape(batch, -1), x[last], x_conv[last], z[last]
+            ), state
+        h, (memory, normaliser, m) = mlstm_parallel(
+            heads(q), heads(k), heads(v), i_raw, f_raw, (memory, normaliser, m)
+        )
+        h = h.transpose(1, 2).reshape(batch, steps, -1)[packed.mask[:, :steps]]
+        cache = packed.tail(x_m, cache.shape[1])
+        return self.output(h, x, x_conv, z), (memory, normaliser, m, cache)
 
 
 class XLSTMStack(nn.Module):
@@ -554,9 +610,30 @@ class MLSTMPublished(XLSTMStack):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``XLSTMStack.forward``; every position of an input longer than ``eval_chunk_len`` is
         computed chunk by chunk (the answer-only path reads one row and needs no chunks)."""
+        if answers is not None and state is None:
+            return self.read_answers(x, answers)
         if answers is not None or x.shape[1] <= self.eval_chunk_len:
             return super().forward(x, state, answers)
         return in_chunks(super().forward, x, state, self.eval_chunk_len)
+
+    def read_answers(
+        self, x: torch.Tensor, answers: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``forward(x, answers=...)`` from the zero state, packed (``Packed``): each string cut
+        at its answer, the position-wise work on its tokens alone, the last block's output at
+        the answers alone."""
+        packed = Packed.cut(answers, x.shape[1])
+        state = self.initial_state(x)
+        x = x[packed.mask]
+        if self.embed is not None:
+            x = self.embed(x)
+        last = []
+        for i, (layer, *layer_state) in enumerate(zip(self.layers, *state, strict=True)):
+            only = packed._replace(last_only=i == self.num_layers - 1)
+            x, new_state = layer.forward_packed(x, tuple(layer_state), only)
+            last.append(new_state)
+        outputs = layer_norm(x, self.post_blocks_norm).unsqueeze(1)
+        return outputs, tuple(torch.stack(s) for s in zip(*last, strict=True))
 
     def initial_state(self, x: torch.Tensor) -> MLSTMState:
         layers, batch, heads = self.num_layers, x.shape[0], self.num_heads
