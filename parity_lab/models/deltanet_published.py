@@ -27,7 +27,9 @@ parallel form (WY/UT, Yang et al., NeurIPS 2024) was slower here: at 40 steps an
 values, its T x T matrices per head cost more than the loop (68 against 56 ms per training step
 at batch 256, before either was tuned). The state carried between chunks of a long string is,
 per layer, the last 3 (normed) inputs of the convolution and ``S``; the convolution is folded
-into its projection (one matmul over a window of 4 inputs).
+into its projection (one matmul over a window of 4 inputs). Training under a loss read at the
+answer runs packed (``parity_lab.models.packing``): the position-wise work on the tokens up to
+each answer, the last block's output at the answers alone.
 
 Differences kept from their runs: float32 throughout (they trained under bfloat16 autocast);
 the token embedding and the head belong to the wrapper; an input of another width than

@@ -87,7 +87,8 @@ class SelectiveScan(torch.autograd.Function):
     it are not computed (``y`` 0 there, ``h_last`` the state after it), as a loss read at the
     answer needs nothing later. ``packed`` (a ``Packed``) instead: ``raw``, ``u``, ``B``, ``C``,
     ``z`` are (tokens, ...), the rows one after another without padding; with its
-    ``last_only``, ``y`` is (batch, inner), each row's output at its last step alone."""
+    ``last_only``, ``z`` and ``y`` are (batch, inner), the gate and the output at each row's
+    last step alone."""
 
     @staticmethod
     def forward(
@@ -230,7 +231,11 @@ class MambaMixer(nn.Module):
         every step is computed). ``packed``: ``x`` is (tokens, d_model), a ``Packed`` batch
         starting from the zero state (the kernel only)."""
         h0, tail = state
-        u, z = self.in_proj(x).chunk(2, dim=-1)
+        if packed is not None and packed.last_only:  # the gate z only where the output is read
+            w_u, w_z = self.in_proj.weight.chunk(2)
+            u, z = F.linear(x, w_u), F.linear(x[packed.last], w_z)
+        else:
+            u, z = self.in_proj(x).chunk(2, dim=-1)
         if packed is None:
             conv, new_tail = self.convolve(u, tail)
         else:

@@ -48,6 +48,11 @@ string's parallel form. A fresh state has ``m_0 = -inf`` (no term), the parallel
 stabiliser (the package's step function starts from ``m_0 = 0``). Any ``m`` gives the same
 ``h~`` but for the 1e-6 eps, and so does the sLSTM's: a stabiliser only keeps ``exp`` in range.
 
+Training under a loss read at the answer computes the last block's output at the answers alone
+(both stacks ``reads_answers``); the mLSTM also runs packed (``parity_lab.models.packing``: its
+position-wise work on the tokens up to each answer), the sLSTM, whose kernel runs the batch in
+lock step, does not.
+
 Differences kept from the published runs: float32 (they trained under bfloat16 autocast); no
 dropout (theirs is 0); the embedding and head belong to the wrapper, and an input narrower than
 the model (a bit) enters through a linear embedding. The sLSTM checks ``n = 0`` (a fresh state)

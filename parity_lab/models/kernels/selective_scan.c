@@ -15,9 +15,10 @@
  * h_last, g_h_last, g_h0 (R,N,E).
  * Packed rows (offsets not NULL, training under a loss read at the answer): row r is the tokens
  * offsets[r] .. offsets[r + 1] - 1 of (tokens, E) and (tokens, N) tensors, every one of them
- * wanted (no padding to skip); T is then the longest row's length. With last_only, y, y_inner
- * and g_y are (R, E): the output at each row's last step alone, the only one a loss read there
- * needs (the C . h sum and the gate are skipped at the others, and so are their gradients).
+ * wanted (no padding to skip); T is then the longest row's length. With last_only, y, y_inner,
+ * z, g_y and g_z are (R, E): the output (and its gate) at each row's last step alone, the only
+ * one a loss read there needs (the C . h sum and the gate are skipped at the others, and so are
+ * their gradients).
  */
 #include <math.h>
 #include <stdint.h>
@@ -103,7 +104,7 @@ int scan_forward(long R, long T, long E, int sign, const float *raw, const float
             if (last_only && t < last) continue;
             const long o = last_only ? r * E : i;
             float *restrict yi = y_inner + o, *restrict yt = y + o;
-            const float *restrict zt = z + i;
+            const float *restrict zt = z + o;
             for (long c = 0; c < E; c++) yi[c] = D[c] * u[i + c];
             for (int n = 0; n < N; n++)
                 for (long c = 0; c < E; c++) yi[c] += Ct[n] * h[n * E + c];
@@ -206,13 +207,12 @@ int scan_backward(long R, long T, long E, int sign, const float *raw, const floa
             const long i = (row + t) * E, o = last_only ? r * E : i;
             if (last_only && t < stop) { /* no output read here */
                 memset(gys + t * E, 0, sizeof(float) * E);
-                memset(g_z + i, 0, sizeof(float) * E);
                 continue;
             }
             for (long c = 0; c < E; c++) {
-                const float zc = z[i + c], sg = sigmoid_(zc);
+                const float zc = z[o + c], sg = sigmoid_(zc);
                 gys[t * E + c] = g_y[o + c] * zc * sg;
-                g_z[i + c] = g_y[o + c] * y_inner[o + c] * sg * (1.0f + zc * (1.0f - sg));
+                g_z[o + c] = g_y[o + c] * y_inner[o + c] * sg * (1.0f + zc * (1.0f - sg));
             }
         }
         memcpy(hs, h0 + r * S, sizeof(float) * S);
