@@ -3,6 +3,9 @@ lone ``step`` all give torch's gradients."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -202,6 +205,25 @@ def test_kernel_builds_are_keyed_by_their_source(monkeypatch, tmp_path) -> None:
     third = native.build("lstm", 2)
     assert third not in (first, second) and native.cached(third)  # and by the headers
     assert native.build("lstm", 3) not in (first, second, third)  # and by hidden size
+
+
+def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:
+    """A -ffast-math shared library linked with -ffast-math sets flush-to-zero for the whole
+    process when loaded (GCC's crtfastmath.o): PyTorch's float32 results would then depend on
+    whether a kernel had been loaded. The kernels are linked without it."""
+    code = (
+        "import torch\n"
+        "from parity_lab.models import deltanet_published, mamba, native, xlstm_published\n"
+        "assert float(torch.tensor(1e-39) * 1) > 0\n"
+        "libraries = [native.load('lstm', 4), mamba.scan_library(16),\n"
+        "             xlstm_published.slstm_library(16), deltanet_published.delta_library(4)]\n"
+        "assert all(library is not None for library in libraries)\n"
+        "assert float(torch.tensor(1e-39) * 1) > 0, 'a kernel set flush-to-zero'\n"
+    )
+    if native.load("lstm", 4) is None:
+        pytest.skip("no C compiler")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_missing_compiler_warns_and_falls_back(monkeypatch, tmp_path) -> None:

@@ -15,9 +15,17 @@ import parity_lab  # noqa: F401  (registers the ${input_size:...} resolver)
 from parity_lab import bench
 from parity_lab.data import key_generator
 from parity_lab.evaluate import accuracy_at_length
-from parity_lab.models import ParityRNN
+from parity_lab.models import ParityRNN, manual
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(autouse=True)
+def _bench_leaves_compile_after_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench.main`` sets ``manual.COMPILE_AFTER`` for its process (0: time the compiled
+    steady state); restored after each test, so that later tests in the same process do not
+    compile their cells at once (an order-dependent failure of a test_hostile test)."""
+    monkeypatch.setattr(manual, "COMPILE_AFTER", manual.COMPILE_AFTER)
 
 
 def build(*overrides: str) -> ParityRNN:
@@ -220,7 +228,6 @@ def test_bench_startup_times_whole_processes_against_import_torch(tmp_path: Path
         (["--max-len", "0"], "argument --max-len: '0' is not an integer >= 1"),
         (["--batch", "x"], "argument --batch: 'x' is not an integer >= 1"),
         (["--min-len", "30", "--max-len", "50", "20"], "--min-len 30 is longer than --max-len 20"),
-        (["--experiment", "published"], "--experiment 'published': not an experiment; they are"),
     ],
 )
 def test_bench_refuses_bad_sizes_in_one_line(
@@ -229,4 +236,14 @@ def test_bench_refuses_bad_sizes_in_one_line(
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     (line,) = capsys.readouterr().err.strip().splitlines()  # one line, the usage not repeated
-    assert message in line and line.endswith("(see --help)")
+    assert line.endswith(f"{message} (see --help)")
+
+
+def test_bench_refuses_an_unknown_experiment_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--experiment", "published"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--experiment 'published': not an experiment; they are [" in line
+    assert "'state_tracking'" in line and line.endswith("] (see --help)")

@@ -380,7 +380,7 @@ class DeltaNetPublished(nn.Module):
         """``forward(x, answers=...)`` from the zero state, packed (``Packed``): each string cut
         at its answer, the position-wise work on its tokens alone, the last block's output,
         MLP and norm at the answers alone. The state returned is each string's at its answer."""
-        packed = Packed.cut(answers, x.shape[1])
+        packed = Packed.cut(answers, *x.shape[:2])
         x = x[packed.mask]
         if self.embed is not None:
             x = self.embed(x)

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from parity_lab import EIGENVALUES
 from parity_lab.models import native
 from parity_lab.models.linear_rnn import PIECE, linear_scan
-from parity_lab.models.packing import Packed
+from parity_lab.models.packing import Packed, check_answers
 
 # One layer's state: h (batch, d_inner, d_state), last convolution inputs (batch, k-1, d_inner).
 LayerState = tuple[torch.Tensor, torch.Tensor]
@@ -407,14 +407,8 @@ class Mamba(nn.Module):
         returned is then not for carrying on: the kernel's ``h`` is each string's at its answer,
         the convolution's inputs each string's last (packed) or the chunk's. Inputs are not split
         into pieces of ``PIECE`` steps then (training strings are short)."""
-        if answers is not None and (
-            answers.shape != (x.shape[0],)
-            or not 0 <= int(answers.min()) <= int(answers.max()) < x.shape[1]
-        ):
-            raise ValueError(
-                f"answers must be one position in 0..{x.shape[1] - 1} per string, got "
-                f"{tuple(answers.shape)} values in [{int(answers.min())}, {int(answers.max())}]"
-            )
+        if answers is not None:
+            check_answers(answers, x.shape[0], x.shape[1])
         if answers is None and x.shape[1] > PIECE:  # long inputs piece by piece, carrying state
             outputs = []
             for piece in x.split(PIECE, dim=1):
@@ -445,7 +439,7 @@ class Mamba(nn.Module):
         """``forward(x, answers=...)`` from the zero state, packed (``Packed``): every
         position-wise operation reads only the tokens up to each answer, and the last layer's
         only the answers."""
-        packed = Packed.cut(answers, x.shape[1])
+        packed = Packed.cut(answers, *x.shape[:2])
         y = self.embedding(x[packed.mask])
         last = []
         for i, layer in enumerate(self.layers):

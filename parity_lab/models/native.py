@@ -35,6 +35,11 @@ KERNELS = Path(__file__).resolve().parent / "kernels"
 # argument, so no infinity arises (a vectorised division is a reciprocal estimate, NaN on one).
 # Without -march=native (not every compiler has it) the build is retried portable.
 FLAGS = [["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"], ["-O3", "-ffast-math"]]
+# Linked apart from the compile, without -ffast-math: GCC links crtfastmath.o into a -ffast-math
+# shared library, whose constructor sets flush-to-zero and denormals-are-zero for the whole
+# process on load, so that PyTorch's own float32 results then depended on whether a kernel had
+# been loaded (1e-39 * 1 gave 0).
+LINK = "-shared"
 
 
 def enabled() -> bool:
@@ -84,9 +89,8 @@ def build(name: str, hidden: int) -> Path:
     for flags in FLAGS:
         flags = [*flags, f"-DHIDDEN={hidden}"]
         headers = [header.read_text() for header in sorted(KERNELS.glob("*.h"))]
-        key = hashlib.sha256(
-            "\0".join([source.read_text(), *headers, *compiler, *flags, cpu_signature()]).encode()
-        ).hexdigest()[:16]
+        recipe = [source.read_text(), *headers, *compiler, *flags, LINK, cpu_signature()]
+        key = hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:16]
         library = cache_dir() / f"{name}-h{hidden}-{key}.so"
         if cached(library):
             return library
@@ -94,9 +98,12 @@ def build(name: str, hidden: int) -> Path:
         # build beside the target, then rename: parallel jobs never load a half-written library,
         # and one that has mapped the old file keeps it (a rename never truncates it)
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            built = Path(tmp) / library.name
-            command = [*compiler, *flags, "-fPIC", "-shared", str(source), "-o", str(built), "-lm"]
+            built, objects = Path(tmp) / library.name, Path(tmp) / f"{name}.o"
+            command = [*compiler, *flags, "-fPIC", "-c", str(source), "-o", str(objects)]
             result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                command = [*compiler, LINK, str(objects), "-o", str(built), "-lm"]
+                result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
                 record = Path(tmp) / "sha256"
                 record.write_text(digest(built) + "\n")

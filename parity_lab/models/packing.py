@@ -2,10 +2,11 @@
 the pieces laid end to end.
 
 A loss read at one position per string needs nothing after it, and in a causal model nothing
-after it reaches it. Batches of 2..39 bits are padded to 40 steps, so about 45% of their
-positions are padding; cut and packed, the position-wise work of a block (projections, norms,
-SiLU) reads only the tokens that count. The published Mamba and DeltaNet train this way
-(``forward(x, answers=...)``); their outputs equal the padded forward's to float32 rounding.
+after it reaches it. The published protocol's batches of 2..39 bits are padded to 39 steps, so
+about 47% of their positions come after the answers; cut and packed, the position-wise work of
+a block (projections, norms, SiLU, short convolutions) reads only the tokens that count. The
+published Mamba, DeltaNet and mLSTM train this way (``forward(x, answers=...)`` from the zero
+state); their outputs equal the padded forward's to float32 rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +15,19 @@ from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
+
+
+def check_answers(answers: torch.Tensor, batch: int, steps: int) -> None:
+    """One answer position in ``0..steps - 1`` per string of a batch, or a one-line error (a
+    position out of range would cut a string to nothing, or read another's)."""
+    if answers.numel() == 0 and batch == 0:
+        return
+    values = f"[{int(answers.min())}, {int(answers.max())}]" if answers.numel() else "none"
+    if answers.shape != (batch,) or not 0 <= int(answers.min()) <= int(answers.max()) < steps:
+        raise ValueError(
+            f"answers must be one position in 0..{steps - 1} per string, got "
+            f"{tuple(answers.shape)} values in {values}"
+        )
 
 
 class Packed(NamedTuple):
@@ -30,8 +44,10 @@ class Packed(NamedTuple):
     last_only: bool = False
 
     @classmethod
-    def cut(cls, answers: torch.Tensor, steps: int) -> Packed:
-        """``answers``: each string's answer position in a batch of ``steps`` steps."""
+    def cut(cls, answers: torch.Tensor, batch: int, steps: int) -> Packed:
+        """``answers``: each string's answer position in a batch of ``batch`` strings of
+        ``steps`` steps."""
+        check_answers(answers, batch, steps)
         lengths = answers.long() + 1
         mask = torch.arange(steps, device=answers.device) < lengths.unsqueeze(1)
         offsets = F.pad(lengths.cumsum(0), (1, 0))

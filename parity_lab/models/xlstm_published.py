@@ -530,7 +530,8 @@ class XLSTMStack(nn.Module):
         """``answers`` (where the stack ``reads_answers``): the outputs at one position per
         string, (batch, 1, hidden_size), the last block computing only those; the state
         returned is then not for carrying on (training reads none): the mLSTM's last block
-        returns its input state, the sLSTM's its state after every step of the batch."""
+        returns its input state and, packed, its blocks before the last their memory after the
+        padded strings; the sLSTM's blocks their state after every step of the batch."""
         if self.embed is not None:
             x = self.embed(x)
         if state is None:
@@ -627,7 +628,7 @@ class MLSTMPublished(XLSTMStack):
         """``forward(x, answers=...)`` from the zero state, packed (``Packed``): each string cut
         at its answer, the position-wise work on its tokens alone, the last block's output at
         the answers alone."""
-        packed = Packed.cut(answers, x.shape[1])
+        packed = Packed.cut(answers, *x.shape[:2])
         state = self.initial_state(x)
         x = x[packed.mask]
         if self.embed is not None:

@@ -8,17 +8,22 @@
 #ifndef PARITY_LAB_FAST_MATH_H
 #define PARITY_LAB_FAST_MATH_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-/* exp(x) as 2^k exp(f), x = k ln 2 + f with |f| <= ln 2 / 2 (ln 2 split in two for an exact
- * k ln 2), exp(f) by Cephes' degree-6 polynomial. x is clamped to [-86, 88]: 2^k stays a normal
- * float (exp(-86) is 4.5e-38, returned for anything below; exp(88) 1.7e38). Relative error below
- * 3e-7 on [-86, 88] (measured against float64 exp). */
+/* exp(x) as 2^k exp(f), x = k ln 2 + f with |f| <= ln 2 / 2, exp(f) by Cephes' degree-6
+ * polynomial. ln 2 is split in two (0.693359375 - 2.12194440e-4, the first exact in few bits)
+ * and f is reduced with fused multiply-adds: -ffast-math may reorder a plain sum, which undid
+ * the split (3.7e-6 relative error in a scalar build). x is clamped to [-86, 88]: 2^k stays a
+ * normal float (exp(-86) is 4.5e-38, returned for anything below; exp(88) 1.7e38). Relative
+ * error below 1e-7 on every 7th float in [-86, 88] (320 M values, against float64 exp, in
+ * native, portable and unoptimised builds); NaN comes out as a finite number (the clamp), as
+ * from the kernels' former clamped expf. */
 static inline float fast_exp(float x) {
     x = fminf(fmaxf(x, -86.0f), 88.0f);
     const float k = rintf(x * 1.44269504088896341f);
-    const float f = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+    const float f = fmaf(k, 2.12194440e-4f, fmaf(k, -0.693359375f, x));
     float p = 1.9875691500e-4f;
     p = p * f + 1.3981999507e-3f;
     p = p * f + 8.3334519073e-3f;
@@ -28,7 +33,7 @@ static inline float fast_exp(float x) {
     p = p * f * f + f + 1.0f;
     int32_t bits;
     memcpy(&bits, &p, sizeof bits);
-    bits += (int32_t)k << 23;
+    bits += (int32_t)((uint32_t)(int32_t)k << 23); /* 2^k (a shift of a negative is undefined) */
     memcpy(&p, &bits, sizeof p);
     return p;
 }
