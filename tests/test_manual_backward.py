@@ -210,7 +210,8 @@ def test_kernel_builds_are_keyed_by_their_source(monkeypatch, tmp_path) -> None:
 def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:
     """A -ffast-math shared library linked with -ffast-math sets flush-to-zero for the whole
     process when loaded (GCC's crtfastmath.o): PyTorch's float32 results would then depend on
-    whether a kernel had been loaded. The kernels are linked without it."""
+    whether a kernel had been loaded. The kernels are linked without it, and those that flush
+    denormals (Mamba's scan, the sLSTM's cell) restore the caller's setting on return."""
     code = (
         "import torch\n"
         "from parity_lab.models import deltanet_published, mamba, native, xlstm_published\n"
@@ -218,7 +219,12 @@ def test_loading_the_kernels_leaves_subnormal_floats_alone() -> None:
         "libraries = [native.load('lstm', 4), mamba.scan_library(16),\n"
         "             xlstm_published.slstm_library(16), deltanet_published.delta_library(4)]\n"
         "assert all(library is not None for library in libraries)\n"
-        "assert float(torch.tensor(1e-39) * 1) > 0, 'a kernel set flush-to-zero'\n"
+        "assert float(torch.tensor(1e-39) * 1) > 0, 'loading a kernel set flush-to-zero'\n"
+        "from parity_lab.models import Mamba, SLSTMPublished\n"  # kernels flush in their calls
+        "x = torch.rand(2, 5, 1)\n"
+        "for model in (Mamba(1, 16), SLSTMPublished(1, 16)):\n"
+        "    model(x, answers=torch.tensor([4, 2]))[0].sum().backward()\n"
+        "assert float(torch.tensor(1e-39) * 1) > 0, 'a kernel call left flush-to-zero set'\n"
     )
     if native.load("lstm", 4) is None:
         pytest.skip("no C compiler")

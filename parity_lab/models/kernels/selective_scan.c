@@ -81,6 +81,7 @@ int scan_forward(long R, long T, long E, int sign, const float *raw, const float
                  int last_only, float *dt, float *y_inner, float *y, float *h_last) {
     float *buffer = malloc(sizeof(float) * 3 * N * (size_t)E);
     if (!buffer) return -1;
+    const unsigned int caller = denormals_off();
     for (long r = 0; r < R; r++) {
         float *h = buffer, *h_next = buffer + N * E;
         const long last = wanted(live, offsets, r, T), row = first(offsets, r, T);
@@ -113,6 +114,7 @@ int scan_forward(long R, long T, long E, int sign, const float *raw, const float
         memcpy(h_last + r * N * E, h, sizeof(float) * N * E);
     }
     free(buffer);
+    denormals_restore(caller);
     return 0;
 }
 
@@ -183,6 +185,7 @@ int scan_backward(long R, long T, long E, int sign, const float *raw, const floa
     const long S = N * E;
     float *hs = malloc(sizeof(float) * ((size_t)(2 * T + 2) * S + (size_t)T * E));
     if (!hs) return -1;
+    const unsigned int caller = denormals_off();
     float *es = hs + (T + 1) * S; /* es[t] = exp(dt_t A), hs[t + 1] = h_t */
     float *gh = es + T * S;
     float *gys = gh + S; /* the gradient of y_inner, row r's steps */
@@ -245,5 +248,6 @@ int scan_backward(long R, long T, long E, int sign, const float *raw, const floa
         memcpy(g_h0 + r * S, gh, sizeof(float) * S);
     }
     free(hs);
+    denormals_restore(caller);
     return 0;
 }

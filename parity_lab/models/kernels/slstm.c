@@ -59,6 +59,7 @@ static inline void cell(const float *restrict raw, int first, const float *restr
 
 void slstm_forward(long T, long B, int fresh, const float *gx, const float *r_t, float *y,
                    float *c, float *n, float *m, float *raw_out) {
+    const unsigned int caller = denormals_off();
     for (long t = 0; t < T; t++) {
         const int first = fresh && t == 0;
         for (long b = 0; b < B; b++) {
@@ -72,6 +73,7 @@ void slstm_forward(long T, long B, int fresh, const float *gx, const float *r_t,
                 cell(raw, 0, c + now, n + now, m + now, c + next, n + next, m + next, y + next);
         }
     }
+    denormals_restore(caller);
 }
 
 /* The share of a gradient that torch.minimum(x, other) / torch.maximum send to x: all of it
@@ -88,6 +90,7 @@ static inline float wins(float x, float other, int larger) {
 void slstm_backward(long T, long B, int fresh, const float *r_t, const float *c, const float *n,
                     const float *m, const float *y, const float *raw_all, const float *d_out,
                     float *d_raw, float *d_y, float *d_c, float *d_n, float *d_m) {
+    const unsigned int caller = denormals_off();
     for (long t = T - 1; t >= 0; t--) {
         const int first = fresh && t == 0;
         for (long b = 0; b < B; b++) {
@@ -138,4 +141,5 @@ void slstm_backward(long T, long B, int fresh, const float *r_t, const float *c,
             }
         }
     }
+    denormals_restore(caller);
 }
